@@ -1,0 +1,24 @@
+//! # candle-bitnet
+//!
+//! BitNet b1.58 language models (ternary weights in {-1, 0, +1}, 8-bit activations) on
+//! [candle](https://github.com/huggingface/candle): checkpoints from the Hugging Face hub run with
+//! their weights kept packed at 2 bits, through hand-written kernels on the CPU and, with the
+//! `cuda` feature, on NVIDIA GPUs.
+//!
+//! - [`config`]: `config.json` parsing and validation.
+//! - [`quant`]: the pure-Rust reference arithmetic and the packed layout (documented there).
+//! - [`ops`]: the BitLinear custom op (CPU kernels, CUDA kernels).
+//! - [`bitlinear`]: the `BitLinear` layer; [`model`]: the causal LM.
+//! - [`weights`]: memory-mapped, validating safetensors loading.
+
+pub mod bitlinear;
+pub mod config;
+pub mod model;
+pub mod norm;
+pub mod ops;
+pub mod quant;
+pub mod weights;
+
+pub use bitlinear::BitLinear;
+pub use config::Config;
+pub use model::BitnetForCausalLM;

@@ -1,0 +1,120 @@
+//! The BitLinear custom op: `y = (int8(x) · W_ternary) / (w_div · s_x)` on packed weights.
+//!
+//! One op, one entry point ([`bitlinear`]), reached on every device: `cpu_fwd` runs
+//! [`cpu::bitlinear`]; `cuda_fwd` runs the kernels in `kernels/`. Both quantize the activations
+//! per token exactly like [`crate::quant::quantize_activations`] and accumulate in i32, so they
+//! agree bit for bit before the final scale.
+
+pub mod cpu;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+/// Packed ternary weights `[out/4, in]` (U8) times activations `[.., in]` (f32/bf16/f16).
+#[derive(Debug, Clone, Copy)]
+pub struct BitLinearOp {
+    pub in_features: usize,
+    pub out_features: usize,
+    /// Divisor of the i32 accumulator besides the activation scale (see [`crate::quant`]).
+    pub w_div: f32,
+}
+
+impl BitLinearOp {
+    fn check(&self, x: &Layout, w: &Layout) -> Result<(usize, Shape)> {
+        let (r, k) = w.shape().dims2()?;
+        if r * 4 != self.out_features || k != self.in_features {
+            bail!(
+                "bitlinear: packed weight shape {:?}, expected [{}, {}]",
+                w.shape().dims(),
+                self.out_features / 4,
+                self.in_features
+            )
+        }
+        let dims = x.shape().dims();
+        if dims.last() != Some(&self.in_features) {
+            bail!(
+                "bitlinear: input shape {dims:?}, last dimension must be {}",
+                self.in_features
+            )
+        }
+        let n_rows = x.shape().elem_count() / self.in_features;
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("checked non-empty above") = self.out_features;
+        Ok((n_rows, Shape::from(out)))
+    }
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("bitlinear: {what} must be contiguous"),
+    }
+}
+
+impl CustomOp2 for BitLinearOp {
+    fn name(&self) -> &'static str {
+        "bitlinear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n_rows, out_shape) = self.check(x_layout, w_layout)?;
+        let CpuStorage::U8(w) = w else {
+            bail!("bitlinear: packed weight must be U8, found {:?}", w.dtype())
+        };
+        let w = contiguous(w, w_layout, "packed weight")?;
+        let x_f32: std::borrow::Cow<[f32]> = match x {
+            CpuStorage::F32(x) => contiguous(x, x_layout, "input")?.into(),
+            CpuStorage::BF16(x) => contiguous(x, x_layout, "input")?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            CpuStorage::F16(x) => contiguous(x, x_layout, "input")?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            other => bail!(
+                "bitlinear: input must be f32, bf16 or f16, found {:?}",
+                other.dtype()
+            ),
+        };
+        let acts = cpu::QuantizedRows::new(&x_f32, n_rows, self.in_features);
+        let mut y = vec![0f32; n_rows * self.out_features];
+        cpu::bitlinear(
+            &acts,
+            w,
+            self.in_features,
+            self.out_features,
+            self.w_div,
+            &mut y,
+        );
+        let y = match x.dtype() {
+            DType::F32 => CpuStorage::F32(y),
+            DType::BF16 => CpuStorage::BF16(y.into_iter().map(half::bf16::from_f32).collect()),
+            _ => CpuStorage::F16(y.into_iter().map(half::f16::from_f32).collect()),
+        };
+        Ok((y, out_shape))
+    }
+}
+
+/// BitLinear of `x: [.., in]` with packed `weight: [out/4, in]` (U8): `[.., out]` in x's dtype.
+pub fn bitlinear(x: &Tensor, weight: &Tensor, w_div: f32) -> Result<Tensor> {
+    let (r, in_features) = weight.dims2()?;
+    if weight.dtype() != DType::U8 {
+        bail!(
+            "bitlinear: packed weight must be U8, found {:?}",
+            weight.dtype()
+        )
+    }
+    let op = BitLinearOp {
+        in_features,
+        out_features: 4 * r,
+        w_div,
+    };
+    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
+}

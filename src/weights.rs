@@ -1,0 +1,170 @@
+//! Memory-mapped safetensors checkpoints (single file or sharded), with the checks that turn a
+//! wrong file into an error naming the tensor.
+//!
+//! [`CheckedSafetensors`] is a `VarBuilder` backend: it refuses a tensor whose stored dtype class
+//! does not match the request (packed codes must be stored as U8, everything else as floats)
+//! or whose shape differs, before any data is converted.
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{bail, DType, Device, Result, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use safetensors::{Dtype, View};
+use std::path::{Path, PathBuf};
+
+/// The safetensors files of a checkpoint directory: `model.safetensors`, or the shards listed by
+/// `model.safetensors.index.json`.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        return shard_files(&index);
+    }
+    bail!(
+        "no weights in {}: expected model.safetensors or model.safetensors.index.json",
+        dir.display()
+    )
+}
+
+/// Shard paths named in a `model.safetensors.index.json` (its `weight_map` values), in order.
+pub fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let names = shard_names(index)?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    Ok(names.into_iter().map(|n| dir.join(n)).collect())
+}
+
+/// Distinct file names of an index's `weight_map`, sorted.
+pub fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index)
+        .map_err(|e| candle_core::Error::Msg(format!("cannot read {}: {e}", index.display())))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        candle_core::Error::Msg(format!("invalid JSON in {}: {e}", index.display()))
+    })?;
+    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+        bail!("{}: no \"weight_map\" object", index.display())
+    };
+    let mut names: Vec<String> = map
+        .values()
+        .map(|v| match v.as_str() {
+            Some(s) if !s.contains("..") && !s.starts_with('/') => Ok(s.to_string()),
+            _ => bail!("{}: invalid shard name {v}", index.display()),
+        })
+        .collect::<Result<_>>()?;
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// A `VarBuilder` backend over memory-mapped safetensors that validates dtype class and shape.
+pub struct CheckedSafetensors {
+    inner: MmapedSafetensors,
+}
+
+impl CheckedSafetensors {
+    /// Memory-maps `paths` and parses their headers; a missing, truncated or corrupt file is an
+    /// error naming it.
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        if paths.is_empty() {
+            bail!("no safetensors files given")
+        }
+        for p in paths {
+            if !p.is_file() {
+                bail!("weights file {} does not exist", p.display())
+            }
+        }
+        // SAFETY: the files are mapped read-only; like every mmap-based loader we rely on
+        // nobody truncating them while the model is loading.
+        let inner = unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| {
+            candle_core::Error::Msg(format!("cannot read safetensors weights: {e}"))
+        })?;
+        Ok(Self { inner })
+    }
+
+    fn view(&self, name: &str) -> Result<safetensors::tensor::TensorView<'_>> {
+        self.inner.get(name).map_err(|_| {
+            candle_core::Error::Msg(format!("tensor {name} is missing from the checkpoint"))
+        })
+    }
+
+    fn check_dtype(name: &str, stored: Dtype, requested: DType) -> Result<()> {
+        let stored_is_float = matches!(stored, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64);
+        match (requested, stored) {
+            (DType::U8, Dtype::U8) => Ok(()),
+            (DType::U8, _) => {
+                bail!("tensor {name}: expected dtype U8 (packed ternary codes), found {stored:?}")
+            }
+            (r, _) if r.is_float() && stored_is_float => Ok(()),
+            (r, _) => {
+                bail!("tensor {name}: expected a float dtype (to load as {r:?}), found {stored:?}")
+            }
+        }
+    }
+
+    /// Total bytes of the tensors stored, per stored dtype class: `(u8 bytes, float bytes)`.
+    pub fn stored_bytes(&self) -> (usize, usize) {
+        self.inner.tensors().iter().fold((0, 0), |(u, f), (_, v)| {
+            let n = v.data_len();
+            if v.dtype() == Dtype::U8 {
+                (u + n, f)
+            } else {
+                (u, f + n)
+            }
+        })
+    }
+
+    pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+}
+
+impl SimpleBackend for CheckedSafetensors {
+    fn get(&self, shape: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let view = self.view(name)?;
+        Self::check_dtype(name, view.dtype(), dtype)?;
+        if view.shape() != shape.dims() {
+            bail!(
+                "tensor {name}: expected shape {:?}, found {:?}",
+                shape.dims(),
+                view.shape()
+            )
+        }
+        self.inner.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let view = self.view(name)?;
+        Self::check_dtype(name, view.dtype(), dtype)?;
+        self.inner.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.get(name).is_ok()
+    }
+}
+
+/// Opens the checkpoint files as a validating, memory-mapped `VarBuilder`.
+pub fn var_builder(
+    paths: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    Ok(CheckedSafetensors::open(paths)?.into_var_builder(dtype, device))
+}
+
+/// Loads `config.json` and the weights of a checkpoint directory in the hub layout.
+pub fn load_model_dir(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(crate::Config, crate::BitnetForCausalLM)> {
+    if !dir.is_dir() {
+        bail!("model directory {} does not exist", dir.display())
+    }
+    let cfg = crate::Config::from_file(&dir.join("config.json"))?;
+    let vb = var_builder(&safetensors_files(dir)?, dtype, device)?;
+    let model = crate::BitnetForCausalLM::new(&cfg, vb)?;
+    Ok((cfg, model))
+}

@@ -1,0 +1,67 @@
+//! Shared by the integration tests: the bundled reference fixture and its tolerances.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Result, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+pub const PROMPTS: [&str; 3] = ["ids_len7", "ids_len23", "text"];
+
+pub fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-bitnet")
+}
+
+pub struct Expected {
+    pub logits: HashMap<String, Tensor>,
+    pub greedy: serde_json::Value,
+}
+
+impl Expected {
+    pub fn load() -> Result<Self> {
+        let dir = fixture_dir().join("expected");
+        let logits = candle_core::safetensors::load(dir.join("logits.safetensors"), &Device::Cpu)?;
+        let text = std::fs::read_to_string(dir.join("greedy.json"))?;
+        let greedy = serde_json::from_str(&text).map_err(candle_core::Error::wrap)?;
+        Ok(Self { logits, greedy })
+    }
+
+    pub fn ids(&self, prompt: &str, key: &str) -> Vec<u32> {
+        self.greedy["prompts"][prompt][key]
+            .as_array()
+            .expect("fixture ids")
+            .iter()
+            .map(|v| v.as_u64().expect("fixture id") as u32)
+            .collect()
+    }
+
+    pub fn logits(&self, name: &str) -> &Tensor {
+        &self.logits[name]
+    }
+}
+
+/// The fixture README's tolerance for an f32 engine: rel-L2 ≤ 3e-2, max-abs ≤ 5%·max|ref|,
+/// and ≥ 20% of positions within 1e-4·max|ref| (activation rounding flips move a few positions).
+pub fn assert_logits_close(name: &str, got: &Tensor, want: &Tensor) -> Result<()> {
+    assert_eq!(got.dims(), want.dims(), "{name}: shape");
+    let got = got.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let diff = (&got - want)?;
+    let ref_max = want.abs()?.max_all()?.to_scalar::<f32>()?;
+    let max_abs = diff.abs()?.max_all()?.to_scalar::<f32>()?;
+    let rel_l2 = (diff.sqr()?.sum_all()?.to_scalar::<f32>()?
+        / want.sqr()?.sum_all()?.to_scalar::<f32>()?)
+    .sqrt();
+    let per_pos = diff.abs()?.max(1)?.to_vec1::<f32>()?;
+    let close =
+        per_pos.iter().filter(|&&d| d <= 1e-4 * ref_max).count() as f32 / per_pos.len() as f32;
+    eprintln!("{name}: rel_l2 {rel_l2:.2e}, max_abs {max_abs:.3e} (ref max {ref_max:.2}), {:.0}% positions within 1e-4", close * 100.0);
+    assert!(rel_l2 <= 3e-2, "{name}: rel-L2 {rel_l2}");
+    assert!(
+        max_abs <= 5e-2 * ref_max,
+        "{name}: max-abs {max_abs} vs ref max {ref_max}"
+    );
+    assert!(
+        close >= 0.2,
+        "{name}: only {close} of positions within 1e-4·max|ref|"
+    );
+    Ok(())
+}
