@@ -7,13 +7,15 @@
 use crate::config::{Config, LinearClass, QuantizationMode};
 use crate::norm::RmsNorm;
 use crate::quant::{check_packable, pack_ternary, ternarize_absmean, unpack_ternary};
-use candle_core::{bail, DType, Device, Module, Result, Tensor};
+use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 #[derive(Debug, Clone)]
 pub struct BitLinear {
     /// `[out/4, in]` U8 packed codes.
     weight: Tensor,
+    /// The dense baseline only ([`Self::to_dense`]): `[out, in]` effective weights.
+    dense: Option<Tensor>,
     /// Divisor of the i32 accumulator besides the activation scale.
     w_div: f32,
     in_features: usize,
@@ -74,6 +76,7 @@ impl BitLinear {
         let span = tracing::span!(tracing::Level::TRACE, "bitlinear");
         Ok(Self {
             weight,
+            dense: None,
             w_div,
             in_features,
             out_features,
@@ -97,6 +100,7 @@ impl BitLinear {
         let span = tracing::span!(tracing::Level::TRACE, "bitlinear");
         Ok(Self {
             weight,
+            dense: None,
             w_div,
             in_features,
             out_features: 4 * r,
@@ -134,13 +138,60 @@ impl BitLinear {
         let dense: Vec<f32> = values.into_iter().map(|v| v as f32 / self.w_div).collect();
         Tensor::from_vec(dense, (self.out_features, self.in_features), &Device::Cpu)
     }
+
+    /// This layer as the baseline a user has without this crate: the same effective weights
+    /// expanded to dense `dtype` floats on the layer's device, multiplied by candle's matmul after
+    /// fake-quantizing the activations. For benchmarks; numerically close, not bit-identical.
+    pub fn to_dense(&self, dtype: DType) -> Result<Self> {
+        let dense = self
+            .dequantize()?
+            .to_dtype(dtype)?
+            .to_device(self.weight.device())?;
+        Ok(Self {
+            dense: Some(dense),
+            ..self.clone()
+        })
+    }
+
+    /// Bytes of weights one forward reads: packed codes, or the dense matrix.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.dense {
+            Some(d) => d.elem_count() * d.dtype().size_in_bytes(),
+            None => self.weight.elem_count(),
+        }
+    }
+}
+
+/// Per-token absmax int8 fake quantization with candle ops (`x_q / s_x`), for the dense baseline.
+fn fake_quantize(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let scale = (x
+        .abs()?
+        .max_keepdim(D::Minus1)?
+        .clamp(crate::quant::ACT_ABSMAX_EPS, f32::MAX)?
+        .recip()?
+        * 127.0)?;
+    x.broadcast_mul(&scale)?
+        .round()?
+        .clamp(-128f32, 127f32)?
+        .broadcast_div(&scale)?
+        .to_dtype(dtype)
 }
 
 impl Module for BitLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
-        match &self.input_norm {
-            Some(norm) => crate::ops::bitlinear(&norm.forward(x)?, &self.weight, self.w_div),
+        let normed;
+        let x = match &self.input_norm {
+            Some(norm) => {
+                normed = norm.forward(x)?;
+                &normed
+            }
+            None => x,
+        };
+        match &self.dense {
+            Some(w) => fake_quantize(x)?.broadcast_matmul(&w.t()?),
             None => crate::ops::bitlinear(x, &self.weight, self.w_div),
         }
     }

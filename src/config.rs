@@ -62,6 +62,7 @@ pub enum EosTokenId {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
     pub model_type: String,
+    pub architectures: Option<Vec<String>>,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -113,6 +114,8 @@ impl Config {
                     "unsupported quantization_config.quant_method {:?} for model_type \"llama\" (only \"bitnet\" is supported)",
                     q.quant_method
                 ),
+                // 1bitLLM/bitnet_b1_58-*: latent float weights, no quantization_config.
+                None if self.is_1bitllm() => {}
                 None => bail!(
                     "model_type \"llama\" without quantization_config.quant_method = \"bitnet\" is not a BitNet checkpoint"
                 ),
@@ -185,6 +188,11 @@ impl Config {
         Ok(())
     }
 
+    fn is_1bitllm(&self) -> bool {
+        let archs = self.architectures.as_deref().unwrap_or_default();
+        archs.iter().any(|a| a == "BitnetForCausalLM")
+    }
+
     pub fn num_key_value_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -217,7 +225,8 @@ impl Config {
         }
     }
 
-    /// Sub-norms before `o_proj` and `down_proj` exist in the `bitnet` architecture only.
+    /// Sub-norms before `o_proj` and `down_proj` are part of the `bitnet` architecture; other
+    /// architectures use them only when the checkpoint has the tensors.
     pub fn has_sub_norms(&self) -> bool {
         self.model_type == "bitnet"
     }
@@ -264,6 +273,7 @@ impl Config {
     pub fn bitnet_b158_2b_4t() -> Self {
         Self {
             model_type: "bitnet".into(),
+            architectures: Some(vec!["BitNetForCausalLM".into()]),
             hidden_size: 2560,
             intermediate_size: 6912,
             num_hidden_layers: 30,

@@ -73,7 +73,7 @@ impl Attention {
     fn new(cfg: &Config, rotary: Arc<RotaryEmbedding>, vb: VarBuilder) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (n_h, n_kv) = (cfg.num_attention_heads, cfg.num_key_value_heads());
-        let attn_sub_norm = if cfg.has_sub_norms() {
+        let attn_sub_norm = if cfg.has_sub_norms() || vb.contains_tensor("attn_sub_norm.weight") {
             Some(RmsNorm::new(
                 n_h * hd,
                 cfg.rms_norm_eps,
@@ -166,7 +166,7 @@ struct Mlp {
 impl Mlp {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let ffn_sub_norm = if cfg.has_sub_norms() {
+        let ffn_sub_norm = if cfg.has_sub_norms() || vb.contains_tensor("ffn_sub_norm.weight") {
             Some(RmsNorm::new(i, cfg.rms_norm_eps, vb.pp("ffn_sub_norm"))?)
         } else {
             None
@@ -300,6 +300,28 @@ impl BitnetForCausalLM {
                 ]
             })
             .collect()
+    }
+
+    /// The same model with every ternary projection expanded to dense `dtype` weights (the
+    /// benchmark baseline; see [`BitLinear::to_dense`]). The KV cache starts empty.
+    pub fn to_dense(&self, dtype: DType) -> Result<Self> {
+        let mut dense = self.clone();
+        dense.clear_kv_cache();
+        for layer in &mut dense.layers {
+            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+            for p in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ] {
+                *p = p.to_dense(dtype)?;
+            }
+        }
+        Ok(dense)
     }
 
     fn hidden_states(&mut self, ids: &Tensor, offset: usize) -> Result<Tensor> {
