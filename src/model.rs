@@ -117,14 +117,19 @@ impl Attention {
         let (q, k) = self.rotary.apply(&q, &k, offset)?;
         let (k, v) = self.kv_cache.append(&k.contiguous()?, &v.contiguous()?)?;
         let n_rep = self.num_heads / self.num_kv_heads;
-        // (b, n_kv, T, hd) → (b, heads, T, hd)
-        let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, n_rep)?.contiguous()?;
+        let total = k.dim(2)?;
+        // Query heads sharing a KV head are adjacent: group them instead of copying K and V
+        // n_rep times. (b, heads, t, hd) → (b, n_kv, n_rep·t, hd)
+        let q = q.reshape((b, self.num_kv_heads, n_rep * t, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // (b, heads, t, T), softmax in f32
+        // (b, n_kv, n_rep·t, T), softmax statistics in f32
         let att = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
         let att = match mask {
-            Some(mask) => att.broadcast_add(mask)?,
+            // (b, n_kv, n_rep, t, T) + (t, T)
+            Some(mask) => att
+                .reshape((b, self.num_kv_heads, n_rep, t, total))?
+                .broadcast_add(mask)?
+                .reshape((b, self.num_kv_heads, n_rep * t, total))?,
             None => att,
         };
         // Normalize after the product with V, like PyTorch's CPU flash attention (what
@@ -136,12 +141,12 @@ impl Attention {
             .matmul(&v)?
             .to_dtype(DType::F32)?
             .broadcast_mul(&inv_sum)?;
-        // (b, heads, t, hd) → (b, t, heads·hd)
-        let y = y.to_dtype(v.dtype())?.transpose(1, 2)?.reshape((
-            b,
-            t,
-            self.num_heads * self.head_dim,
-        ))?;
+        // (b, n_kv, n_rep·t, hd) → (b, heads, t, hd) → (b, t, heads·hd)
+        let y = y
+            .to_dtype(v.dtype())?
+            .reshape((b, self.num_heads, t, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
         let y = match &self.attn_sub_norm {
             Some(norm) => norm.forward(&y)?,
             None => y,
