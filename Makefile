@@ -6,9 +6,10 @@ CARGO ?= cargo
 build:
 	$(CARGO) build --release
 
+# Unit, integration and doc tests; benches and examples are compiled, not run.
 test:
-	$(CARGO) test --all-targets
-	$(CARGO) test --doc
+	$(CARGO) test
+	$(CARGO) build --benches --examples
 
 lint:
 	$(CARGO) clippy --all-targets -- -D warnings
