@@ -2,10 +2,16 @@
 //! `x · (1 / sqrt(mean(x²) + eps))`, cast back, then times the weight.
 //!
 //! The order matters for BitNet: its inputs go straight into per-token int8 quantization, where
-//! a one-ulp difference can flip a rounding (`shared/bitnet-format.md` §3.3).
+//! a one-ulp difference can flip a rounding (`shared/bitnet-format.md` §3.3). On the CPU one
+//! fused pass replaces seven tensor ops (decode calls it four times per layer); other devices
+//! run the same arithmetic as tensor ops.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor, D,
+};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
@@ -24,6 +30,17 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if matches!(x.device(), Device::Cpu)
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+        {
+            return x.contiguous()?.apply_op2_no_bwd(
+                &self.weight,
+                &FusedRmsNorm {
+                    eps: self.eps as f32,
+                },
+            );
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
@@ -33,4 +50,68 @@ impl Module for RmsNorm {
             .to_dtype(dtype)?
             .broadcast_mul(&self.weight)
     }
+}
+
+/// f32 RMSNorm of `x: [.., n]` by `weight: [n]` on the CPU.
+struct FusedRmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for FusedRmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (x, w) else {
+            bail!(
+                "rms-norm-f32: expected f32 input and weight, found {:?} and {:?}",
+                x.dtype(),
+                w.dtype()
+            )
+        };
+        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+        else {
+            bail!("rms-norm-f32: input and weight must be contiguous")
+        };
+        let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        let n = w.len();
+        if xl.dims().last() != Some(&n) {
+            bail!(
+                "rms-norm-f32: input shape {:?} does not end in the weight size {n}",
+                xl.dims()
+            )
+        }
+        let mut y = vec![0f32; x.len()];
+        let eps = self.eps;
+        y.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .with_min_len(16)
+            .for_each(|(y, x)| {
+                let inv_rms = 1.0 / (sum_of_squares(x) / n as f32 + eps).sqrt();
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                    *y = w * (x * inv_rms);
+                }
+            });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+}
+
+/// Eight interleaved partial sums, as vectorized reductions (candle's and PyTorch's) do.
+fn sum_of_squares(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
