@@ -10,15 +10,24 @@
 //! - [`ops`]: the BitLinear custom op (CPU kernels, CUDA kernels).
 //! - [`bitlinear`]: the `BitLinear` layer; [`model`]: the causal LM.
 //! - [`weights`]: memory-mapped, validating safetensors loading.
+//! - [`hub`]: model files from a directory or the Hugging Face hub cache; [`device`]: device
+//!   and compute dtype; [`generate`]: tokenizer, chat template, sampling, streaming ([`Generator`]).
 
+pub mod bench;
 pub mod bitlinear;
 pub mod config;
+pub mod device;
+pub mod generate;
+pub mod hub;
 pub mod model;
 pub mod norm;
 pub mod ops;
 pub mod quant;
+pub mod synthetic;
 pub mod weights;
 
 pub use bitlinear::BitLinear;
 pub use config::Config;
+pub use generate::{GenerationParams, Generator, Message};
+pub use hub::ModelFiles;
 pub use model::BitnetForCausalLM;

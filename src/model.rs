@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::norm::RmsNorm;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{Activation, Embedding, VarBuilder};
+use candle_nn::{Activation, Embedding, Init, VarBuilder};
 use std::sync::Arc;
 
 /// Initial KV-cache capacity in positions; the cache grows by this much when full.
@@ -245,11 +245,15 @@ pub struct BitnetForCausalLM {
 
 impl BitnetForCausalLM {
     /// Builds the model from `vb` (rooted at the checkpoint's top level: `model.*`, `lm_head.*`).
-    /// Norms, embeddings and the head load in `vb.dtype()`; ternary projections stay packed.
+    /// Norms load in `vb.dtype()`; ternary projections stay packed. The embedding and the head
+    /// load in [`embedding_dtype`]: bf16 (as checkpoints store them) where the CPU computes in f32,
+    /// since the head is the largest matrix read per decoded token.
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let vb_m = vb.pp("model");
-        let embed = vb_m.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
+        let (v, h, embed_dtype) = (cfg.vocab_size, cfg.hidden_size, embedding_dtype(&vb));
+        let embed =
+            vb_m.get_with_hints_dtype((v, h), "embed_tokens.weight", Init::Const(0.), embed_dtype)?;
         let rotary = Arc::new(RotaryEmbedding::new(cfg, vb.dtype(), vb.device())?);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, rotary.clone(), vb_m.pp(format!("layers.{i}"))))
@@ -258,7 +262,7 @@ impl BitnetForCausalLM {
         let lm_head = if cfg.tie_word_embeddings {
             embed.clone()
         } else {
-            vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
+            vb.get_with_hints_dtype((v, h), "lm_head.weight", Init::Const(0.), embed_dtype)?
         };
         Ok(Self {
             embed_tokens: Embedding::new(embed, cfg.hidden_size),
@@ -355,7 +359,7 @@ impl BitnetForCausalLM {
         let mask = (seq_len > 1)
             .then(|| causal_mask(seq_len, offset, &self.device))
             .transpose()?;
-        let mut x = self.embed_tokens.forward(ids)?;
+        let mut x = self.embed_tokens.forward(ids)?.to_dtype(self.dtype)?;
         for layer in &mut self.layers {
             x = layer.forward(&x, mask.as_ref(), offset)?;
         }
@@ -367,19 +371,38 @@ impl BitnetForCausalLM {
     pub fn forward(&mut self, ids: &Tensor, offset: usize) -> Result<Tensor> {
         let x = self.hidden_states(ids, offset)?;
         let last = x.narrow(1, x.dim(1)? - 1, 1)?.squeeze(1)?;
-        last.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
+        self.project_to_vocab(&last)
     }
 
     /// Like [`Self::forward`] but returns the logits of every position, `(b, seq, vocab)` f32.
     pub fn forward_all(&mut self, ids: &Tensor, offset: usize) -> Result<Tensor> {
         let x = self.hidden_states(ids, offset)?;
-        x.broadcast_matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
+        self.project_to_vocab(&x)
+    }
+
+    /// `x: [.., hidden]` → f32 logits `[.., vocab]`.
+    fn project_to_vocab(&self, x: &Tensor) -> Result<Tensor> {
+        if self.lm_head.dtype() == DType::BF16 && x.dtype() == DType::F32 && self.device.is_cpu() {
+            return crate::ops::matmul_bf16_weight(x, &self.lm_head);
+        }
+        x.to_dtype(self.lm_head.dtype())?
+            .broadcast_matmul(&self.lm_head.t()?)?
+            .to_dtype(DType::F32)
     }
 
     pub fn clear_kv_cache(&mut self) {
         for layer in &mut self.layers {
             layer.self_attn.clear_kv_cache()
         }
+    }
+}
+
+/// The dtype of the embedding and head: bf16 for f32 compute on the CPU, else the compute dtype.
+pub fn embedding_dtype(vb: &VarBuilder) -> DType {
+    if vb.device().is_cpu() && vb.dtype() == DType::F32 {
+        DType::BF16
+    } else {
+        vb.dtype()
     }
 }
 

@@ -6,6 +6,14 @@
 //! agree bit for bit before the final scale.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+mod stages;
+
+pub use stages::{
+    bitlinear_accumulate, bitlinear_with_kernel, dequantize, quantize_activations,
+    BitLinearKernelOp, DequantizeOp, GpuKernel, QuantPart, QuantizeOp,
+};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -100,6 +108,22 @@ impl CustomOp2 for BitLinearOp {
         };
         Ok((y, out_shape))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        w: &candle_core::CudaStorage,
+        w_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let op = BitLinearKernelOp {
+            op: *self,
+            kernel: GpuKernel::Auto,
+            raw: false,
+        };
+        cuda::bitlinear_fwd(&op, x, x_layout, w, w_layout)
+    }
 }
 
 /// BitLinear of `x: [.., in]` with packed `weight: [out/4, in]` (U8): `[.., out]` in x's dtype.
@@ -117,4 +141,12 @@ pub fn bitlinear(x: &Tensor, weight: &Tensor, w_div: f32) -> Result<Tensor> {
         w_div,
     };
     x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
+}
+
+/// The LM head `x: [.., hidden]` (f32) times `w: [vocab, hidden]` (bf16) transposed:
+/// `[.., vocab]` f32, streaming the bf16 matrix. CPU only ([`cpu::MatmulBf16Weight`]); on CUDA
+/// use `x.to_dtype(DType::BF16)?.matmul(&w.t()?)`.
+pub fn matmul_bf16_weight(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &cpu::MatmulBf16Weight)
 }

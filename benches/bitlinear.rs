@@ -1,0 +1,209 @@
+//! `cargo bench --bench bitlinear`: the ternary BitLinear op at BitNet 2B-4T shapes beside
+//! candle's dense f32 matmul on the same shapes, and the bf16 LM head beside candle's f32 matmul.
+//!
+//! Weights rotate through copies larger than the last-level cache, so decode (1 row) reads DRAM
+//! as it does in a model. GB/s counts weight bytes only: packed (1/4 byte per weight) for
+//! ternary, 4 bytes per weight for dense f32, 2 for bf16. Threads: rayon's default (all cores)
+//! unless RAYON_NUM_THREADS says otherwise. Arguments narrow the run: row counts (`-- 1 8`) and/or
+//! `head`.
+
+use candle_bitnet::ops::cpu::{bitlinear_with, matmul_bf16, Kernel, QuantizedRows};
+use candle_bitnet::ops::{bitlinear, matmul_bf16_weight};
+use candle_core::{DType, Device, Result, Tensor};
+use std::time::Instant;
+
+/// (in, out, what): the 2B-4T projections.
+const SHAPES: [(usize, usize, &str); 5] = [
+    (2560, 3840, "qkv fused"),
+    (2560, 2560, "q / o"),
+    (2560, 640, "k / v"),
+    (2560, 6912, "gate / up"),
+    (6912, 2560, "down"),
+];
+const ROWS: [usize; 4] = [1, 8, 128, 512];
+const VOCAB: usize = 128256;
+const HIDDEN: usize = 2560;
+/// Rotating weight copies add up to at least this (more than any current L3 slice).
+const COLD_BYTES: usize = 256 << 20;
+/// Each measurement runs at least this long (and at least `MIN_RUNS` times) after a warm-up.
+const MIN_SECONDS: f64 = 0.3;
+const MIN_RUNS: usize = 3;
+const MAX_RUNS: usize = 200;
+/// The portable kernel is the fallback, not a prefill engine: larger batches only take time.
+const PORTABLE_MAX_ROWS: usize = 128;
+
+/// Median seconds of `f(i)` over repeated runs; `i` counts calls, to rotate weight copies.
+fn median_secs(mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    f(0)?;
+    let (start, mut times) = (Instant::now(), Vec::new());
+    while times.len() < MIN_RUNS
+        || (start.elapsed().as_secs_f64() < MIN_SECONDS && times.len() < MAX_RUNS)
+    {
+        let t = Instant::now();
+        f(times.len() + 1)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// A cheap deterministic byte stream (the timings do not depend on the values).
+fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 24) as u8
+        })
+        .collect()
+}
+
+fn floats(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+    bytes(n, seed)
+        .into_iter()
+        .map(|b| (b as f32 - 127.5) / 127.5 * amp)
+        .collect()
+}
+
+/// Ternary codes 0..=2 in each 2-bit field.
+fn packed_codes(n: usize, seed: u64) -> Vec<u8> {
+    bytes(n, seed)
+        .into_iter()
+        .map(|b| (0..4).map(|k| ((b >> (2 * k)) % 3) << (2 * k)).sum())
+        .collect()
+}
+
+fn copies(bytes_each: usize) -> usize {
+    COLD_BYTES.div_ceil(bytes_each).max(1)
+}
+
+fn line(what: &str, secs: f64, weight_bytes: usize, ops: f64, dense_secs: Option<f64>) {
+    let speedup = dense_secs.map_or(String::new(), |d| format!("{:>8.2}x", d / secs));
+    println!(
+        "  {what:<22} {:>10.3} ms {:>9.3} GB/s {:>9.1} GOPS {speedup}",
+        secs * 1e3,
+        weight_bytes as f64 / secs / 1e9,
+        ops / secs / 1e9,
+    );
+}
+
+fn bench_bitlinear(dev: &Device, rows: &[usize]) -> Result<()> {
+    for &(k, out, what) in &SHAPES {
+        let packed = packed_codes(out / 4 * k, out as u64 + k as u64);
+        let packed_bytes = packed.len();
+        let w_packed: Vec<Tensor> = (0..copies(packed_bytes))
+            .map(|_| Tensor::from_vec(packed.clone(), (out / 4, k), dev))
+            .collect::<Result<_>>()?;
+        let w_dense0 = Tensor::from_vec(floats(out * k, 5, 0.05), (out, k), dev)?;
+        let w_dense: Vec<Tensor> = (0..copies(out * k * 4))
+            .map(|_| w_dense0.copy())
+            .collect::<Result<_>>()?;
+        for &n in rows {
+            println!("{k} → {out} ({what}), {n} rows");
+            let x_vec = floats(n * k, n as u64, 2.0);
+            let x = Tensor::from_vec(x_vec.clone(), (n, k), dev)?;
+            let ops = 2.0 * (n * out * k) as f64;
+            let dense = median_secs(|i| {
+                x.matmul(&w_dense[i % w_dense.len()].t()?)?;
+                Ok(())
+            })?;
+            line("dense f32 (candle)", dense, out * k * 4, ops, None);
+            let op = median_secs(|i| {
+                bitlinear(&x, &w_packed[i % w_packed.len()], 1.0)?;
+                Ok(())
+            })?;
+            line(
+                &format!("op ({:?})", Kernel::best()),
+                op,
+                packed_bytes,
+                ops,
+                Some(dense),
+            );
+            let mut y = vec![0f32; n * out];
+            let packed: Vec<Vec<u8>> = w_packed
+                .iter()
+                .map(|w| w.flatten_all()?.to_vec1::<u8>())
+                .collect::<Result<_>>()?;
+            for &kernel in Kernel::available() {
+                if kernel == Kernel::Portable && n > PORTABLE_MAX_ROWS {
+                    continue;
+                }
+                let secs = median_secs(|i| {
+                    let acts = QuantizedRows::new(&x_vec, n, k);
+                    let w = &packed[i % packed.len()];
+                    bitlinear_with(kernel, &acts, w, k, out, 1.0, &mut y)
+                })?;
+                line(&format!("{kernel:?}"), secs, packed_bytes, ops, Some(dense));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bench_head(dev: &Device) -> Result<()> {
+    println!("LM head {HIDDEN} → {VOCAB}, 1 row");
+    let x_vec = floats(HIDDEN, 9, 2.0);
+    let x = Tensor::from_vec(x_vec.clone(), (1, HIDDEN), dev)?;
+    let w_f32 = Tensor::from_vec(floats(VOCAB * HIDDEN, 11, 0.05), (VOCAB, HIDDEN), dev)?;
+    let w_bf16 = w_f32.to_dtype(DType::BF16)?;
+    let ops = 2.0 * (VOCAB * HIDDEN) as f64;
+    let dense = median_secs(|_| {
+        x.matmul(&w_f32.t()?)?;
+        Ok(())
+    })?;
+    line("dense f32 (candle)", dense, VOCAB * HIDDEN * 4, ops, None);
+    drop(w_f32);
+    let bf16_bytes = VOCAB * HIDDEN * 2;
+    let candle_bf16 = median_secs(|_| {
+        x.to_dtype(DType::BF16)?.matmul(&w_bf16.t()?)?;
+        Ok(())
+    })?;
+    line(
+        "bf16 matmul (candle)",
+        candle_bf16,
+        bf16_bytes,
+        ops,
+        Some(dense),
+    );
+    let op = median_secs(|_| {
+        matmul_bf16_weight(&x, &w_bf16)?;
+        Ok(())
+    })?;
+    line(
+        &format!("op ({:?})", Kernel::best()),
+        op,
+        bf16_bytes,
+        ops,
+        Some(dense),
+    );
+    let w_raw = w_bf16.flatten_all()?.to_vec1::<half::bf16>()?;
+    let mut y = vec![0f32; VOCAB];
+    for &kernel in Kernel::available() {
+        let secs = median_secs(|_| matmul_bf16(kernel, &x_vec, &w_raw, HIDDEN, &mut y))?;
+        line(&format!("{kernel:?}"), secs, bf16_bytes, ops, Some(dense));
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let dev = Device::Cpu;
+    println!(
+        "threads: {} (rayon), kernels: {:?}; columns: median time per call, weight GB/s, \
+         GOPS (2·rows·in·out), speed-up over candle's dense f32",
+        rayon::current_num_threads(),
+        Kernel::available()
+    );
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut rows: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    let head = args.iter().any(|a| a == "head");
+    if rows.is_empty() && !head {
+        rows = ROWS.to_vec();
+    }
+    bench_bitlinear(&dev, &rows)?;
+    if head || args.iter().all(|a| a.starts_with('-')) {
+        bench_head(&dev)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,434 @@
+//! `bitnet bench`: end-to-end throughput of a synthetic model at real shapes against its dense
+//! baseline and the memory bandwidth of the device, all measured in one run.
+//!
+//! Machines here are shared and noisy, so absolute numbers move and ratios hold: the ternary
+//! model ([`crate::synthetic`]), the same model with its projections expanded to dense floats
+//! ([`BitnetForCausalLM::to_dense`]: f32 on the CPU, bf16 on CUDA) and a large memory copy all
+//! run in the same process. Decode at batch 1 reads every weight once per token, so its ceiling
+//! is `bandwidth ÷ bytes per token`; the report prints decode as a fraction of that ceiling.
+
+use crate::synthetic;
+use crate::BitnetForCausalLM;
+use candle_core::{bail, DType, Device, Result, Tensor, D};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// What to run; [`Default`] is the issue's benchmark on `2b-4t`.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// A name from [`synthetic::PRESETS`] or a `config.json` path.
+    pub preset: String,
+    pub prompt_lens: Vec<usize>,
+    /// Tokens generated at batch 1, after the shortest prompt.
+    pub decode_tokens: usize,
+    /// Also build and measure the dense baseline.
+    pub dense: bool,
+    pub seed: u64,
+    /// Size of the buffer copied to measure bandwidth; far larger than any cache.
+    pub copy_bytes: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            preset: "2b-4t".into(),
+            prompt_lens: vec![128, 512],
+            decode_tokens: 128,
+            dense: true,
+            seed: synthetic::DEFAULT_SEED,
+            copy_bytes: 1 << 30,
+        }
+    }
+}
+
+/// Throughput and traffic of one model.
+#[derive(Debug, Clone)]
+pub struct Throughput {
+    /// Prompt length → prefill tokens/s.
+    pub prefill_tokens_per_s: BTreeMap<usize, f64>,
+    pub decode_tokens_per_s: f64,
+    /// Bytes of all weights held in memory (projections, embedding, head, norms).
+    pub weight_bytes: usize,
+    /// Bytes of weights one decode step reads: projections, head, norms, one embedding row.
+    pub bytes_per_decoded_token: usize,
+}
+
+impl Throughput {
+    /// Achieved decode bandwidth as a fraction of `bandwidth` (bytes/s).
+    pub fn bandwidth_fraction(&self, bandwidth: f64) -> f64 {
+        self.bytes_per_decoded_token as f64 * self.decode_tokens_per_s / bandwidth
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    pub preset: String,
+    pub device: String,
+    /// The CPU model, from `/proc/cpuinfo` where there is one.
+    pub host: Option<String>,
+    pub threads: usize,
+    pub seed: u64,
+    pub parameter_count: usize,
+    /// Packed codes plus per-matrix scale, in bits per ternary weight.
+    pub ternary_bits_per_weight: f64,
+    pub decode_tokens: usize,
+    pub ternary: Throughput,
+    pub dense_dtype: DType,
+    pub dense: Option<Throughput>,
+    /// Bytes read + written per second by a large copy on the device.
+    pub measured_bandwidth_bytes_per_s: f64,
+    /// `VmHWM` after the ternary model ran, before the copy and the dense baseline.
+    pub peak_rss_bytes: Option<u64>,
+    /// `VmHWM` at the end of the run.
+    pub peak_rss_with_dense_bytes: Option<u64>,
+}
+
+/// Runs the benchmark on `device`, drawing a progress bar on stderr.
+pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
+    if opts.prompt_lens.is_empty() || opts.prompt_lens.contains(&0) {
+        bail!(
+            "prompt lengths must be positive, got {:?}",
+            opts.prompt_lens
+        )
+    }
+    let cfg = synthetic::preset(&opts.preset)?;
+    let shortest = opts.prompt_lens.iter().copied().min().unwrap_or(1);
+    let longest = opts.prompt_lens.iter().copied().max().unwrap_or(1);
+    if longest.max(shortest + opts.decode_tokens) > cfg.max_position_embeddings {
+        bail!(
+            "prompts of {longest} tokens and {} decoded after {shortest} exceed max_position_embeddings {}",
+            opts.decode_tokens,
+            cfg.max_position_embeddings
+        )
+    }
+    let dtype = crate::device::compute_dtype(device);
+    let tokens_per_model = opts.prompt_lens.iter().sum::<usize>() + opts.decode_tokens;
+    let bar = progress_bar((tokens_per_model * (1 + opts.dense as usize)) as u64)?;
+
+    bar.set_message("building ternary model");
+    let mut model = synthetic::build(&cfg, opts.seed, dtype, device)?;
+    let (ternary_weights, packed_bytes) = model.bitlinears().iter().fold((0, 0), |(n, b), l| {
+        (n + l.in_features() * l.out_features(), b + l.weight_bytes())
+    });
+    // Every projection also keeps its f32 scale.
+    let ternary_bits_per_weight =
+        8.0 * (packed_bytes + 4 * model.bitlinears().len()) as f64 / ternary_weights as f64;
+    let float_bytes = FloatBytes::new(&cfg, ternary_weights, dtype);
+    let ternary = measure(&mut model, opts, &float_bytes, &bar, "ternary")?;
+    let peak_rss_bytes = peak_rss();
+
+    bar.set_message("measuring copy bandwidth");
+    let measured_bandwidth_bytes_per_s = copy_bandwidth(device, opts.copy_bytes)?;
+
+    let dense = if opts.dense {
+        bar.set_message(format!("building dense {dtype:?} model"));
+        let mut dense = model.to_dense(dtype)?;
+        drop(model);
+        Some(measure(&mut dense, opts, &float_bytes, &bar, "dense")?)
+    } else {
+        None
+    };
+    bar.finish_and_clear();
+    Ok(BenchReport {
+        preset: opts.preset.clone(),
+        device: crate::device::describe(device),
+        host: cpu_model(),
+        threads: candle_core::utils::get_num_threads(),
+        seed: opts.seed,
+        parameter_count: synthetic::parameter_count(&cfg),
+        ternary_bits_per_weight,
+        decode_tokens: opts.decode_tokens,
+        ternary,
+        dense_dtype: dtype,
+        dense,
+        measured_bandwidth_bytes_per_s,
+        peak_rss_bytes,
+        peak_rss_with_dense_bytes: peak_rss(),
+    })
+}
+
+/// `bitnet bench`: [`run`], print the table on stdout, write the JSON report to `json` if given.
+pub fn run_and_print(opts: &BenchOptions, device: &Device, json: Option<&Path>) -> Result<()> {
+    let report = run(opts, device)?;
+    print!("{}", report.table());
+    match json {
+        Some(path) => report.write_json(path),
+        None => Ok(()),
+    }
+}
+
+/// Bytes of the float (non-ternary) weights, for the traffic accounting.
+struct FloatBytes {
+    /// Embedding, untied head and norms.
+    held: usize,
+    /// Head, norms and one embedding row: what a decode step reads besides the projections.
+    read_per_token: usize,
+}
+
+impl FloatBytes {
+    fn new(cfg: &crate::Config, ternary_weights: usize, dtype: DType) -> Self {
+        let floats = synthetic::parameter_count(cfg) - ternary_weights;
+        let embedding = cfg.vocab_size * cfg.hidden_size;
+        // With a tied head the embedding matrix is read once per token as the head.
+        let norms = floats - embedding - (!cfg.tie_word_embeddings as usize) * embedding;
+        let size = dtype.size_in_bytes();
+        Self {
+            held: floats * size,
+            read_per_token: (embedding + norms + cfg.hidden_size) * size,
+        }
+    }
+}
+
+fn progress_bar(len: u64) -> Result<ProgressBar> {
+    let style = ProgressStyle::with_template(
+        "{spinner} {msg:<32} [{bar:30}] {pos}/{len} tokens, {elapsed}",
+    )
+    .map_err(candle_core::Error::wrap)?
+    .progress_chars("=> ");
+    let bar = ProgressBar::new(len).with_style(style);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Ok(bar)
+}
+
+/// Prefill at every prompt length (longest first), then decode after the shortest prompt.
+fn measure(
+    model: &mut BitnetForCausalLM,
+    opts: &BenchOptions,
+    float_bytes: &FloatBytes,
+    bar: &ProgressBar,
+    label: &str,
+) -> Result<Throughput> {
+    let dev = model.device().clone();
+    let vocab = model.vocab_size();
+    let prompt = |len: usize| -> Result<Tensor> {
+        let ids = synthetic::token_ids(len, vocab, opts.seed ^ len as u64);
+        Tensor::from_vec(ids, (1, len), &dev)
+    };
+    // Warm-up: thread pools, first-touch page faults, kernel loading.
+    bar.set_message(format!("{label}: warm-up"));
+    model.clear_kv_cache();
+    let mut token = next_token(&model.forward(&prompt(8)?, 0)?)?;
+    next_token(&model.forward(&Tensor::new(&[[token]], &dev)?, 8)?)?;
+
+    let mut lens = opts.prompt_lens.clone();
+    lens.sort_unstable_by(|a, b| b.cmp(a));
+    lens.dedup();
+    let mut prefill_tokens_per_s = BTreeMap::new();
+    for &len in &lens {
+        bar.set_message(format!("{label}: prefill {len}"));
+        model.clear_kv_cache();
+        let ids = prompt(len)?;
+        let start = Instant::now();
+        token = next_token(&model.forward(&ids, 0)?)?;
+        prefill_tokens_per_s.insert(len, len as f64 / start.elapsed().as_secs_f64());
+        bar.inc(len as u64);
+    }
+
+    // The cache now holds the shortest prompt.
+    bar.set_message(format!("{label}: decode"));
+    let offset = lens.last().copied().unwrap_or(0);
+    let start = Instant::now();
+    for pos in offset..offset + opts.decode_tokens {
+        token = next_token(&model.forward(&Tensor::new(&[[token]], &dev)?, pos)?)?;
+        bar.inc(1);
+    }
+    let decode_tokens_per_s = opts.decode_tokens as f64 / start.elapsed().as_secs_f64();
+    model.clear_kv_cache();
+
+    let linear_bytes: usize = model.bitlinears().iter().map(|l| l.weight_bytes()).sum();
+    Ok(Throughput {
+        prefill_tokens_per_s,
+        decode_tokens_per_s,
+        weight_bytes: linear_bytes + float_bytes.held,
+        bytes_per_decoded_token: linear_bytes + float_bytes.read_per_token,
+    })
+}
+
+/// Greedy next token from `(1, vocab)` logits; reading it back also waits for the device.
+fn next_token(logits: &Tensor) -> Result<u32> {
+    let ids = logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
+    match ids.first() {
+        Some(&id) => Ok(id),
+        None => bail!("empty logits"),
+    }
+}
+
+/// Best of four copies of `bytes` on `device`, in bytes read + written per second. On the CPU
+/// the copy is split over the rayon pool, as the kernels are; one thread cannot saturate memory.
+fn copy_bandwidth(device: &Device, bytes: usize) -> Result<f64> {
+    let elems = bytes / 4;
+    let traffic = 2.0 * (elems * 4) as f64;
+    let mut best = f64::INFINITY;
+    if device.is_cpu() {
+        use rayon::prelude::*;
+        // Written, not just allocated: zero pages would all alias one cached page.
+        let src = vec![1f32; elems];
+        let mut dst = vec![0f32; elems];
+        for _ in 0..4 {
+            let start = Instant::now();
+            dst.par_chunks_mut(1 << 20)
+                .zip(src.par_chunks(1 << 20))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        std::hint::black_box(&dst);
+    } else {
+        let src = Tensor::ones(elems, DType::F32, device)?;
+        for _ in 0..4 {
+            device.synchronize()?;
+            let start = Instant::now();
+            let dst = src.copy()?;
+            device.synchronize()?;
+            best = best.min(start.elapsed().as_secs_f64());
+            drop(dst);
+        }
+    }
+    // The first of the four runs pays page faults or allocation; `min` discards it.
+    Ok(traffic / best)
+}
+
+/// `VmHWM` (peak resident set) of this process; `None` where `/proc` does not exist.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("model name"))?;
+    Some(line.split_once(':')?.1.trim().to_string())
+}
+
+fn gb(bytes: f64) -> String {
+    format!("{:.2} GB", bytes / 1e9)
+}
+
+impl BenchReport {
+    /// Ternary decode as a fraction of the bandwidth limit.
+    pub fn bandwidth_fraction(&self) -> f64 {
+        self.ternary
+            .bandwidth_fraction(self.measured_bandwidth_bytes_per_s)
+    }
+
+    /// The keys `--json` writes (see issue 5); missing measurements are `null`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let by_len = |t: &Throughput| -> serde_json::Value {
+            t.prefill_tokens_per_s
+                .iter()
+                .map(|(len, v)| (len.to_string(), serde_json::Value::from(*v)))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        let dense = self.dense.as_ref();
+        let bw = self.measured_bandwidth_bytes_per_s;
+        serde_json::json!({
+            "preset": self.preset,
+            "device": self.device,
+            "host": self.host,
+            "threads": self.threads,
+            "seed": self.seed,
+            "parameter_count": self.parameter_count,
+            "decode_tokens": self.decode_tokens,
+            "decode_tokens_per_s": self.ternary.decode_tokens_per_s,
+            "dense_decode_tokens_per_s": dense.map(|d| d.decode_tokens_per_s),
+            "prefill_tokens_per_s": by_len(&self.ternary),
+            "dense_prefill_tokens_per_s": dense.map(by_len),
+            "dense_dtype": format!("{:?}", self.dense_dtype).to_lowercase(),
+            "ternary_bits_per_weight": self.ternary_bits_per_weight,
+            "weight_bytes": self.ternary.weight_bytes,
+            "dense_weight_bytes": dense.map(|d| d.weight_bytes),
+            "bytes_per_decoded_token": self.ternary.bytes_per_decoded_token,
+            "dense_bytes_per_decoded_token": dense.map(|d| d.bytes_per_decoded_token),
+            "measured_bandwidth_bytes_per_s": bw,
+            "bandwidth_fraction": self.bandwidth_fraction(),
+            "dense_bandwidth_fraction": dense.map(|d| d.bandwidth_fraction(bw)),
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_rss_with_dense_bytes": self.peak_rss_with_dense_bytes,
+        })
+    }
+
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let text =
+            serde_json::to_string_pretty(&self.to_json()).map_err(candle_core::Error::wrap)?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| candle_core::Error::Msg(format!("cannot write {}: {e}", path.display())))
+    }
+
+    /// The report as a Markdown table (it goes into the README as printed).
+    pub fn table(&self) -> String {
+        let dense_name = format!("dense {}", format!("{:?}", self.dense_dtype).to_lowercase());
+        let bw = self.measured_bandwidth_bytes_per_s;
+        let mut rows: Vec<(String, String, Option<String>, Option<f64>)> = Vec::new();
+        let d = self.dense.as_ref();
+        for (len, t) in &self.ternary.prefill_tokens_per_s {
+            let dt = d.and_then(|d| d.prefill_tokens_per_s.get(len).copied());
+            rows.push((
+                format!("prefill, {len}-token prompt (tok/s)"),
+                format!("{t:.1}"),
+                dt.map(|v| format!("{v:.1}")),
+                dt.map(|v| t / v),
+            ));
+        }
+        let t = &self.ternary;
+        rows.push((
+            "decode, batch 1 (tok/s)".into(),
+            format!("{:.2}", t.decode_tokens_per_s),
+            d.map(|d| format!("{:.2}", d.decode_tokens_per_s)),
+            d.map(|d| t.decode_tokens_per_s / d.decode_tokens_per_s),
+        ));
+        rows.push((
+            "weight bytes in memory".into(),
+            gb(t.weight_bytes as f64),
+            d.map(|d| gb(d.weight_bytes as f64)),
+            d.map(|d| t.weight_bytes as f64 / d.weight_bytes as f64),
+        ));
+        rows.push((
+            "weight bytes read per decoded token".into(),
+            gb(t.bytes_per_decoded_token as f64),
+            d.map(|d| gb(d.bytes_per_decoded_token as f64)),
+            d.map(|d| t.bytes_per_decoded_token as f64 / d.bytes_per_decoded_token as f64),
+        ));
+        rows.push((
+            "decode ÷ bandwidth limit".into(),
+            format!("{:.1}%", 100.0 * t.bandwidth_fraction(bw)),
+            d.map(|d| format!("{:.1}%", 100.0 * d.bandwidth_fraction(bw))),
+            None,
+        ));
+        let mut out = format!(
+            "preset {} ({} parameters), {}{}, {} threads, seed {:#x}\n\n",
+            self.preset,
+            self.parameter_count,
+            self.device,
+            self.host
+                .as_ref()
+                .map(|h| format!(" ({h})"))
+                .unwrap_or_default(),
+            self.threads,
+            self.seed
+        );
+        out += &format!("| | ternary | {dense_name} | ternary ÷ dense |\n|---|---:|---:|---:|\n");
+        for (name, t, d, ratio) in rows {
+            let d = d.unwrap_or_else(|| "–".into());
+            let ratio = ratio
+                .map(|r| format!("{r:.2}×"))
+                .unwrap_or_else(|| "–".into());
+            out += &format!("| {name} | {t} | {d} | {ratio} |\n");
+        }
+        let rss = |r: Option<u64>| r.map(|r| gb(r as f64)).unwrap_or_else(|| "n/a".into());
+        out += &format!(
+            "\nternary bits per weight in memory: {:.3}; measured copy bandwidth: {:.1} GB/s \
+             (read + write); peak RSS: {} ternary, {} at the end; decode: {} tokens after the \
+             shortest prompt\n",
+            self.ternary_bits_per_weight,
+            bw / 1e9,
+            rss(self.peak_rss_bytes),
+            rss(self.peak_rss_with_dense_bytes),
+            self.decode_tokens,
+        );
+        out
+    }
+}

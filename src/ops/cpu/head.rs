@@ -1,0 +1,190 @@
+//! The LM head: `y = x · Wᵀ` with `x: [n, hidden]` f32 and `W: [vocab, hidden]` bf16, the
+//! (tied) embedding matrix kept in bf16 — at 2B-4T it is 657 MB, over half of the bytes a decoded
+//! token reads, so the kernel streams it once and never materializes an f32 copy.
+//!
+//! bf16 widens to f32 exactly (a 16-bit shift), products accumulate in f32 (fused multiply-add
+//! where the CPU has it) across 32 lanes, so only the summation order differs from an f32 matmul.
+//! The inner loop is plain Rust written to vectorize; the x86 variants compile the same code for
+//! AVX2+FMA or AVX-512F (zmm FMA), where it is bandwidth-bound, not instruction-bound.
+//! Vocabulary rows split over rayon; up to four tokens share each widened chunk of weights.
+
+use super::{Kernel, OutPtr};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape};
+use half::bf16;
+use rayon::prelude::*;
+
+/// `x: [.., hidden]` f32 times `w: [vocab, hidden]` bf16, transposed: `[.., vocab]` f32. CPU
+/// only: on CUDA callers use `x.to_dtype(bf16)?.matmul(&w.t()?)` (cuBLAS), so there is no
+/// `cuda_fwd`.
+#[derive(Debug, Clone, Copy)]
+pub struct MatmulBf16Weight;
+
+impl CustomOp2 for MatmulBf16Weight {
+    fn name(&self) -> &'static str {
+        "matmul_bf16_weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (vocab, hidden) = w_layout.shape().dims2()?;
+        let dims = x_layout.shape().dims();
+        if dims.last() != Some(&hidden) {
+            bail!("matmul_bf16_weight: input shape {dims:?}, last dimension must be {hidden}")
+        }
+        let (CpuStorage::F32(x), CpuStorage::BF16(w)) = (x, w) else {
+            bail!(
+                "matmul_bf16_weight: needs f32 input and bf16 weight, found {:?} and {:?}",
+                x.dtype(),
+                w.dtype()
+            )
+        };
+        let (Some((x0, x1)), Some((w0, w1))) =
+            (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
+        else {
+            bail!("matmul_bf16_weight: input and weight must be contiguous")
+        };
+        let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        let mut y = vec![0f32; x.len() / hidden.max(1) * vocab];
+        matmul_bf16(Kernel::best(), x, w, hidden, &mut y)?;
+        let mut out = dims.to_vec();
+        if let Some(last) = out.last_mut() {
+            *last = vocab;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(out)))
+    }
+}
+
+/// Vocabulary rows per task at least (a 2560-wide row is 5 KiB of bf16).
+const MIN_TASK_ROWS: usize = 64;
+/// Tasks per thread, for balance.
+const TASKS_PER_THREAD: usize = 8;
+
+/// `y[t, v] = Σ_h x[t, h] · w[v, h]` with `x: [n, hidden]`, `w: [vocab, hidden]`,
+/// `y: [n, vocab]`, on the given kernel.
+pub fn matmul_bf16(
+    kernel: Kernel,
+    x: &[f32],
+    w: &[bf16],
+    hidden: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    if !kernel.is_available() {
+        bail!("matmul_bf16: kernel {kernel:?} is not supported by this CPU")
+    }
+    if hidden == 0 || !x.len().is_multiple_of(hidden) || !w.len().is_multiple_of(hidden) {
+        bail!(
+            "matmul_bf16: {} inputs and {} weights are not rows of {hidden}",
+            x.len(),
+            w.len()
+        )
+    }
+    let (n, vocab) = (x.len() / hidden, w.len() / hidden);
+    if y.len() != n * vocab {
+        bail!("matmul_bf16: {} outputs for [{n}, {vocab}]", y.len())
+    }
+    let threads = rayon::current_num_threads();
+    let block = vocab
+        .div_ceil(threads * TASKS_PER_THREAD)
+        .max(MIN_TASK_ROWS);
+    let out = OutPtr(y.as_mut_ptr());
+    w.par_chunks(block * hidden).enumerate().for_each(|(b, w)| {
+        let task = Task {
+            x,
+            w,
+            hidden,
+            v0: b * block,
+            vocab,
+            out,
+        };
+        match kernel {
+            // SAFETY (both arms): `kernel` is available (checked above).
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { super::x86::head_avx512(task) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { super::x86::head_avx2(task) },
+            _ => task.run::<1, false>(),
+        }
+    });
+    Ok(())
+}
+
+/// A block of vocabulary rows `w: [rows, hidden]` starting at row `v0`, against all tokens.
+pub(super) struct Task<'a> {
+    x: &'a [f32],
+    w: &'a [bf16],
+    hidden: usize,
+    v0: usize,
+    vocab: usize,
+    out: OutPtr,
+}
+
+/// f32 lanes per accumulator: several independent FMA chains hide the add latency.
+const LANES: usize = 32;
+
+impl Task<'_> {
+    /// Groups of `T` tokens (outer: they stay in L1) against every row of the block. `FMA`
+    /// selects `mul_add`, which is one instruction where the caller enabled FMA and a slow
+    /// library call otherwise.
+    #[inline(always)]
+    pub(super) fn run<const T: usize, const FMA: bool>(&self) {
+        let h = self.hidden;
+        for (g, xs) in self.x.chunks(T * h).enumerate() {
+            let nt = xs.len() / h;
+            for (i, w) in self.w.chunks_exact(h).enumerate() {
+                let dots = if nt == T {
+                    dot_rows::<T, FMA>(w, xs)
+                } else {
+                    let mut dots = [0f32; T];
+                    for (d, x) in dots.iter_mut().zip(xs.chunks_exact(h)) {
+                        *d = dot_rows::<1, FMA>(w, x)[0];
+                    }
+                    dots
+                };
+                for (t, &d) in dots.iter().enumerate().take(nt) {
+                    // SAFETY: t < n and v0 + i < vocab, so the index is inside `y`; tasks own
+                    // disjoint vocabulary rows, and `y` outlives the parallel loop.
+                    unsafe { self.out.write((g * T + t) * self.vocab + self.v0 + i, d) };
+                }
+            }
+        }
+    }
+}
+
+/// Dot products of one bf16 row with `T` f32 rows (`xs: [T, w.len()]`).
+#[inline(always)]
+fn dot_rows<const T: usize, const FMA: bool>(w: &[bf16], xs: &[f32]) -> [f32; T] {
+    let h = w.len();
+    let mut acc = [[0f32; LANES]; T];
+    let (w_chunks, w_tail) = w.as_chunks::<LANES>();
+    let full = w_chunks.len() * LANES;
+    for (c, wc) in w_chunks.iter().enumerate() {
+        let wf = wc.map(widen);
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let xc = &xs[t * h + c * LANES..t * h + (c + 1) * LANES];
+            for ((a, &w), &x) in acc.iter_mut().zip(&wf).zip(xc) {
+                *a = if FMA { w.mul_add(x, *a) } else { *a + w * x };
+            }
+        }
+    }
+    let mut dots = [0f32; T];
+    for (t, (d, acc)) in dots.iter_mut().zip(&acc).enumerate() {
+        let tail = w_tail
+            .iter()
+            .zip(&xs[t * h + full..(t + 1) * h])
+            .map(|(&w, &x)| widen(w) * x);
+        *d = acc.iter().copied().chain(tail).sum();
+    }
+    dots
+}
+
+/// bf16 is the top half of an f32: widening is exact.
+#[inline(always)]
+fn widen(v: bf16) -> f32 {
+    f32::from_bits((v.to_bits() as u32) << 16)
+}

@@ -1,0 +1,154 @@
+//! Synthetic models: presets with the documented shapes, built through the loading path,
+//! deterministic per seed, and held at ~2 bits per ternary weight. Not timed.
+
+use candle_bitnet::bench::{self, BenchOptions};
+use candle_bitnet::synthetic;
+use candle_bitnet::Config;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// The `2b-4t` preset at toy sizes: same architecture, same code paths.
+fn tiny_bitnet() -> Config {
+    Config {
+        hidden_size: 64,
+        intermediate_size: 176,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(1),
+        vocab_size: 300,
+        ..Config::bitnet_b158_2b_4t()
+    }
+}
+
+/// The `8b` preset (llama arch, untied head) at toy sizes.
+fn tiny_llama() -> Result<Config> {
+    Ok(Config {
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        vocab_size: 200,
+        ..synthetic::preset("8b")?
+    })
+}
+
+fn logits(cfg: &Config, seed: u64) -> Result<Tensor> {
+    let mut model = synthetic::build(cfg, seed, DType::F32, &Device::Cpu)?;
+    let ids = synthetic::token_ids(9, cfg.vocab_size, 1);
+    model.forward_all(&Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?, 0)
+}
+
+#[test]
+fn preset_2b_4t_has_the_documented_shapes() -> Result<()> {
+    let cfg = synthetic::preset("2b-4t")?;
+    assert_eq!(cfg.model_type, "bitnet");
+    assert_eq!(
+        (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_hidden_layers
+        ),
+        (2560, 6912, 30)
+    );
+    assert_eq!(
+        (cfg.num_attention_heads, cfg.num_key_value_heads()),
+        (20, 5)
+    );
+    assert_eq!((cfg.vocab_size, cfg.head_dim()), (128256, 128));
+    assert!(cfg.tie_word_embeddings && cfg.has_sub_norms());
+    assert_eq!(synthetic::parameter_count(&cfg), 2_412_820_480);
+    Ok(())
+}
+
+#[test]
+fn tiny_models_build_and_give_finite_logits() -> Result<()> {
+    for cfg in [tiny_bitnet(), tiny_llama()?] {
+        let logits = logits(&cfg, 3)?;
+        assert_eq!(logits.dims(), [1, 9, cfg.vocab_size]);
+        let values = logits.flatten_all()?.to_vec1::<f32>()?;
+        assert!(values.iter().all(|v| v.is_finite()), "{}", cfg.model_type);
+        // Random weights must not collapse to a constant output.
+        assert!(logits.max_all()?.to_scalar::<f32>()? > logits.min_all()?.to_scalar::<f32>()?);
+    }
+    Ok(())
+}
+
+#[test]
+fn same_seed_same_logits() -> Result<()> {
+    let cfg = tiny_bitnet();
+    let a = logits(&cfg, 42)?.flatten_all()?.to_vec1::<f32>()?;
+    assert_eq!(a, logits(&cfg, 42)?.flatten_all()?.to_vec1::<f32>()?);
+    assert_ne!(a, logits(&cfg, 43)?.flatten_all()?.to_vec1::<f32>()?);
+    Ok(())
+}
+
+#[test]
+fn ternary_weights_take_about_two_bits() -> Result<()> {
+    let cfg = tiny_bitnet();
+    let model = synthetic::build(&cfg, 0, DType::F32, &Device::Cpu)?;
+    let layers = model.bitlinears();
+    assert_eq!(layers.len(), 7 * cfg.num_hidden_layers);
+    let weights: usize = layers
+        .iter()
+        .map(|l| l.in_features() * l.out_features())
+        .sum();
+    let bytes: usize = layers.iter().map(|l| l.weight_bytes()).sum();
+    let bits = 8.0 * bytes as f64 / weights as f64;
+    assert!(bits <= 2.1, "{bits} bits per ternary weight");
+    Ok(())
+}
+
+#[test]
+fn bench_runs_on_a_config_json_and_writes_every_key() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let opts = BenchOptions {
+        preset: concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny-bitnet/config.json"
+        )
+        .into(),
+        prompt_lens: vec![4, 16],
+        decode_tokens: 3,
+        copy_bytes: 1 << 24,
+        ..Default::default()
+    };
+    let report = bench::run(&opts, &Device::Cpu)?;
+    let json_path = dir.path().join("bench.json");
+    report.write_json(&json_path)?;
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path)?)
+        .map_err(candle_core::Error::wrap)?;
+    for key in [
+        "preset",
+        "device",
+        "threads",
+        "decode_tokens_per_s",
+        "dense_decode_tokens_per_s",
+        "ternary_bits_per_weight",
+        "weight_bytes",
+        "dense_weight_bytes",
+        "bytes_per_decoded_token",
+        "measured_bandwidth_bytes_per_s",
+        "bandwidth_fraction",
+    ] {
+        assert!(
+            json[key].is_number() || json[key].is_string(),
+            "{key}: {}",
+            json[key]
+        );
+    }
+    for key in ["prefill_tokens_per_s", "dense_prefill_tokens_per_s"] {
+        for len in ["4", "16"] {
+            assert!(
+                json[key][len].as_f64().is_some_and(|v| v > 0.0),
+                "{key}.{len}"
+            );
+        }
+    }
+    assert!(json.get("peak_rss_bytes").is_some());
+    assert!(report
+        .dense
+        .as_ref()
+        .is_some_and(|d| d.weight_bytes > report.ternary.weight_bytes));
+    assert!(report.table().contains("decode, batch 1"));
+    Ok(())
+}
