@@ -160,13 +160,13 @@ impl Config {
             bail!("unsupported mlp_bias true (BitNet projections have no bias)")
         }
         let n_kv = self.num_key_value_heads();
-        if n_kv == 0 || self.num_attention_heads % n_kv != 0 {
+        if n_kv == 0 || !self.num_attention_heads.is_multiple_of(n_kv) {
             bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {n_kv}",
                 self.num_attention_heads
             )
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             bail!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim()
@@ -181,7 +181,7 @@ impl Config {
             ),
             ("num_key_value_heads * head_dim", n_kv * self.head_dim()),
         ] {
-            if out == 0 || out % 4 != 0 {
+            if out == 0 || !out.is_multiple_of(4) {
                 bail!("{name} = {out} is not a positive multiple of 4, which packed ternary weights need")
             }
         }

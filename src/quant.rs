@@ -27,7 +27,7 @@ pub const WEIGHT_ABSMEAN_EPS: f32 = 1e-5;
 
 /// Checks that `out` rows can be packed four to a byte.
 pub fn check_packable(out_features: usize) -> Result<()> {
-    if out_features == 0 || out_features % 4 != 0 {
+    if out_features == 0 || !out_features.is_multiple_of(4) {
         bail!("out_features {out_features} is not a positive multiple of 4: ternary weights pack four output rows per byte")
     }
     Ok(())

@@ -100,7 +100,7 @@ impl CustomOp2 for BitLinearOp {
             self.out_features,
             self.w_div,
             &mut y,
-        );
+        )?;
         let y = match x.dtype() {
             DType::F32 => CpuStorage::F32(y),
             DType::BF16 => CpuStorage::BF16(y.into_iter().map(half::bf16::from_f32).collect()),

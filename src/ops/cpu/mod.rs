@@ -184,9 +184,6 @@ fn quantize_row_body(x: &[f32], q: &mut [i8]) -> (f32, i32) {
 /// `y[t, k·R + j] = (Σ_c W[k·R + j, c]·x_q[t, c]) / (w_div · s_x[t])` for all rows `t`, with the
 /// best kernel. `packed` is `[R, in_features]` with `R = out_features / 4`; `y` is
 /// `[n_rows, out_features]`.
-///
-/// # Panics
-/// If the slice lengths disagree with the shapes (the op checks them first).
 pub fn bitlinear(
     acts: &QuantizedRows,
     packed: &[u8],
@@ -194,8 +191,8 @@ pub fn bitlinear(
     out_features: usize,
     w_div: f32,
     y: &mut [f32],
-) {
-    if let Err(e) = bitlinear_with(
+) -> Result<()> {
+    bitlinear_with(
         Kernel::best(),
         acts,
         packed,
@@ -203,9 +200,7 @@ pub fn bitlinear(
         out_features,
         w_div,
         y,
-    ) {
-        panic!("{e}")
-    }
+    )
 }
 
 /// [`bitlinear`] with a chosen kernel; fails if the CPU lacks it or the shapes disagree.
