@@ -115,7 +115,7 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
     // Every projection also keeps its f32 scale.
     let ternary_bits_per_weight =
         8.0 * (packed_bytes + 4 * model.bitlinears().len()) as f64 / ternary_weights as f64;
-    let float_bytes = FloatBytes::new(&cfg, ternary_weights, dtype);
+    let float_bytes = FloatBytes::new(&cfg, ternary_weights, dtype, device);
     let ternary = measure(&mut model, opts, &float_bytes, &bar, "ternary")?;
     let peak_rss_bytes = peak_rss();
 
@@ -168,15 +168,19 @@ struct FloatBytes {
 }
 
 impl FloatBytes {
-    fn new(cfg: &crate::Config, ternary_weights: usize, dtype: DType) -> Self {
+    fn new(cfg: &crate::Config, ternary_weights: usize, dtype: DType, device: &Device) -> Self {
         let floats = synthetic::parameter_count(cfg) - ternary_weights;
         let embedding = cfg.vocab_size * cfg.hidden_size;
         // With a tied head the embedding matrix is read once per token as the head.
         let norms = floats - embedding - (!cfg.tie_word_embeddings as usize) * embedding;
-        let size = dtype.size_in_bytes();
+        let embeddings = floats - norms;
+        let (size, embed_size) = (
+            dtype.size_in_bytes(),
+            synthetic::embedding_dtype(dtype, device).size_in_bytes(),
+        );
         Self {
-            held: floats * size,
-            read_per_token: (embedding + norms + cfg.hidden_size) * size,
+            held: embeddings * embed_size + norms * size,
+            read_per_token: (embedding + cfg.hidden_size) * embed_size + norms * size,
         }
     }
 }

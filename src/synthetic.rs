@@ -173,7 +173,8 @@ pub fn parameter_count(cfg: &Config) -> usize {
 
 /// All tensors of a checkpoint shaped like `cfg`, under the checkpoint's names, on `device`:
 /// packed ternary codes, `weight_scale = sqrt(in)` (keeps activations O(1) through the layers),
-/// norms uniform in `1 ± 0.1`, embeddings uniform in `±0.05`. Floats are in `dtype`.
+/// norms uniform in `1 ± 0.1`, embeddings uniform in `±0.05`. Norms are in `dtype`, the
+/// embedding and head in [`embedding_dtype`], so that loading makes no second copy.
 pub fn tensors(
     cfg: &Config,
     seed: u64,
@@ -188,12 +189,22 @@ pub fn tensors(
         mix(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
     };
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-    let float = |n: usize, shape: &[usize], center: f32, half: f32, s: u64| {
-        Tensor::from_vec(uniform(n, s, center, half), shape, device)?.to_dtype(dtype)
+    let embed_dtype = embedding_dtype(dtype, device);
+    let float = |n: usize, shape: &[usize], center: f32, half: f32, s: u64, dt: DType| {
+        // Generated in the target dtype: an f32 staging copy of a 128k-row embedding would
+        // show in the peak RSS the benchmark reports.
+        match dt {
+            DType::BF16 => Tensor::from_vec(
+                uniform(n, s, center, half, half::bf16::from_f32),
+                shape,
+                device,
+            ),
+            _ => Tensor::from_vec(uniform(n, s, center, half, |v| v), shape, device)?.to_dtype(dt),
+        }
     };
     map.insert(
         "model.embed_tokens.weight".into(),
-        float(v * h, &[v, h], 0.0, 0.05, next_seed())?,
+        float(v * h, &[v, h], 0.0, 0.05, next_seed(), embed_dtype)?,
     );
     for l in 0..cfg.num_hidden_layers {
         let prefix = format!("model.layers.{l}");
@@ -208,21 +219,26 @@ pub fn tensors(
         for (name, n) in layer_norms(cfg) {
             map.insert(
                 format!("{prefix}.{name}.weight"),
-                float(n, &[n], 1.0, 0.1, next_seed())?,
+                float(n, &[n], 1.0, 0.1, next_seed(), dtype)?,
             );
         }
     }
     map.insert(
         "model.norm.weight".into(),
-        float(h, &[h], 1.0, 0.1, next_seed())?,
+        float(h, &[h], 1.0, 0.1, next_seed(), dtype)?,
     );
     if !cfg.tie_word_embeddings {
         map.insert(
             "lm_head.weight".into(),
-            float(v * h, &[v, h], 0.0, 0.05, next_seed())?,
+            float(v * h, &[v, h], 0.0, 0.05, next_seed(), embed_dtype)?,
         );
     }
     Ok(map)
+}
+
+/// The dtype [`BitnetForCausalLM::new`] loads the embedding and head in for compute `dtype`.
+pub fn embedding_dtype(dtype: DType, device: &Device) -> DType {
+    crate::model::embedding_dtype(&VarBuilder::zeros(dtype, device))
 }
 
 /// A model shaped like `cfg` with seeded random weights, built through the loading path.
@@ -235,7 +251,7 @@ pub fn build(cfg: &Config, seed: u64, dtype: DType, device: &Device) -> Result<B
 pub fn token_ids(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut rng = SplitMix(mix(seed));
     (0..len)
-        .map(|_| ((rng.next() >> 32) * vocab as u64 >> 32) as u32)
+        .map(|_| (((rng.next() >> 32) * vocab as u64) >> 32) as u32)
         .collect()
 }
 
@@ -304,12 +320,18 @@ fn ternary_codes(len: usize, seed: u64) -> Vec<u8> {
     })
 }
 
-/// `len` floats uniform in `center ± half`, two per random word (24 bits each).
-fn uniform(len: usize, seed: u64, center: f32, half: f32) -> Vec<f32> {
-    generate(len, seed, 2, |word, vals: &mut [f32]| {
+/// `len` floats uniform in `center ± half`, two per random word (24 bits each), as `T`.
+fn uniform<T: Send + Default + Clone>(
+    len: usize,
+    seed: u64,
+    center: f32,
+    half: f32,
+    to: impl Fn(f32) -> T + Sync,
+) -> Vec<T> {
+    generate(len, seed, 2, |word, vals: &mut [T]| {
         for (k, v) in vals.iter_mut().enumerate() {
             let u = ((word >> (32 * k + 8)) & 0xFF_FFFF) as f32 / (1u32 << 24) as f32;
-            *v = center + half * (2.0 * u - 1.0);
+            *v = to(center + half * (2.0 * u - 1.0));
         }
     })
 }
@@ -340,7 +362,7 @@ mod tests {
     fn streams_depend_on_seed_only() {
         assert_eq!(ternary_codes(200_000, 3), ternary_codes(200_000, 3));
         assert_ne!(ternary_codes(1000, 3), ternary_codes(1000, 4));
-        let u = uniform(100_001, 5, 1.0, 0.1);
+        let u = uniform(100_001, 5, 1.0, 0.1, |v| v);
         assert!(u.iter().all(|v| (0.9..=1.1).contains(v)));
     }
 

@@ -164,7 +164,12 @@ fn dot_rows<const T: usize, const FMA: bool>(w: &[bf16], xs: &[f32]) -> [f32; T]
     let (w_chunks, w_tail) = w.as_chunks::<LANES>();
     let full = w_chunks.len() * LANES;
     for (c, wc) in w_chunks.iter().enumerate() {
-        let wf = wc.map(widen);
+        // A plain loop, not `array::map`: that stays an out-of-line call without the caller's
+        // target features.
+        let mut wf = [0f32; LANES];
+        for (f, &w) in wf.iter_mut().zip(wc) {
+            *f = widen(w);
+        }
         for (t, acc) in acc.iter_mut().enumerate() {
             let xc = &xs[t * h + c * LANES..t * h + (c + 1) * LANES];
             for ((a, &w), &x) in acc.iter_mut().zip(&wf).zip(xc) {
