@@ -46,7 +46,12 @@ fn gpu() -> Option<Device> {
             Some(dev)
         }
         Err(e) => {
-            println!("skipped: no usable CUDA device: {e}");
+            // The first line: candle appends a backtrace.
+            let e = e.to_string();
+            println!(
+                "skipped: no usable CUDA device: {}",
+                e.lines().next().unwrap_or("")
+            );
             None
         }
     }

@@ -2,11 +2,12 @@
 //! launched on candle's stream. Packed layout and rounding rules: [`crate::quant`].
 //!
 //! A BitLinear forward is two launches: `quantize_i8_<x dtype>` writes the per-token int8
-//! activations (zero-padded to [`ACT_ALIGN`] bytes), scales and row sums to scratch buffers, then
+//! activations (rows zero-padded to `ACT_ALIGN` bytes), scales and row sums to scratch buffers, then
 //! `bitlinear_gemv_<out>` (up to [`GEMV_MAX_ROWS`] rows) or `bitlinear_gemm_<out>` computes the
 //! exact i32 products with the packed codes and applies both scales.
 
 use super::{BitLinearKernelOp, GpuKernel, QuantPart};
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };

@@ -27,6 +27,9 @@ use std::sync::OnceLock;
 /// never need a tail (the packed rows are not padded: kernels mask their last chunk).
 pub const K_ALIGN: usize = 64;
 
+/// Set to `1` to enable the AVX-512 VNNI kernels (not yet verified on AVX-512 hardware).
+pub const AVX512_OPT_IN: &str = "CANDLE_BITNET_AVX512";
+
 /// A kernel family; each exists for BitLinear and for the head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -67,8 +70,11 @@ impl Kernel {
         match self {
             Kernel::Portable => true,
             Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            // Opt-in until it has run on AVX-512 hardware: the machines this was written on
+            // have none, and QEMU's TCG does not emulate AVX-512.
             Kernel::Avx512Vnni => {
-                is_x86_feature_detected!("avx512f")
+                std::env::var_os(AVX512_OPT_IN).is_some_and(|v| v == "1")
+                    && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("fma")
                     && is_x86_feature_detected!("avx512vnni")
