@@ -36,23 +36,26 @@ impl BitLinear {
         if let Err(e) = check_packable(out_features) {
             bail!("{}.weight: {e}", vb.prefix())
         }
-        let (weight, w_div) = match cfg.quantization_mode()? {
+        // Codes are checked, and latent weights ternarized, on the host; only codes reach the device.
+        let host = vb.clone().set_device(Device::Cpu);
+        let (packed, w_div) = match cfg.quantization_mode()? {
             QuantizationMode::Offline => {
-                let weight = vb.get_with_hints_dtype(
+                let packed = host.get_with_hints_dtype(
                     (out_features / 4, in_features),
                     "weight",
                     Init::Const(0.),
                     DType::U8,
                 )?;
+                check_codes(&packed, &vb.prefix())?;
                 let scale = read_scalar(&vb, "weight_scale")?;
                 let w_div = match cfg.linear_class()? {
                     LinearClass::BitLinear => scale,
                     LinearClass::AutoBitLinear => 1.0 / scale,
                 };
-                (weight, w_div)
+                (packed, w_div)
             }
             QuantizationMode::Online => {
-                let latent = vb
+                let latent = host
                     .get_with_hints_dtype(
                         (out_features, in_features),
                         "weight",
@@ -63,12 +66,12 @@ impl BitLinear {
                     .to_vec1::<f32>()?;
                 let (values, w_div) = ternarize_absmean(&latent);
                 let packed = pack_ternary(&values, out_features, in_features)?;
-                (
-                    Tensor::from_vec(packed, (out_features / 4, in_features), vb.device())?,
-                    w_div,
-                )
+                let packed =
+                    Tensor::from_vec(packed, (out_features / 4, in_features), &Device::Cpu)?;
+                (packed, w_div)
             }
         };
+        let weight = packed.to_device(vb.device())?;
         let input_norm = match cfg.bitlinear_input_norm_eps() {
             Some(eps) => Some(RmsNorm::new(in_features, eps, vb.pp("rms_norm"))?),
             None => None,
@@ -143,10 +146,7 @@ impl BitLinear {
     /// expanded to dense `dtype` floats on the layer's device, multiplied by candle's matmul after
     /// fake-quantizing the activations. For benchmarks; numerically close, not bit-identical.
     pub fn to_dense(&self, dtype: DType) -> Result<Self> {
-        let dense = self
-            .dequantize()?
-            .to_dtype(dtype)?
-            .to_device(self.weight.device())?;
+        let dense = crate::ops::dequantize(&self.weight, self.w_div, dtype)?;
         Ok(Self {
             dense: Some(dense),
             ..self.clone()
@@ -195,6 +195,18 @@ impl Module for BitLinear {
             None => crate::ops::bitlinear(x, &self.weight, self.w_div),
         }
     }
+}
+
+/// Refuses packed bytes holding the code 3, which no packer writes: a corrupt file.
+fn check_codes(packed: &Tensor, prefix: &str) -> Result<()> {
+    let bytes = packed.flatten_all()?.to_vec1::<u8>()?;
+    if let Some(i) = bytes.iter().position(|&b| b & (b >> 1) & 0x55 != 0) {
+        bail!(
+            "{prefix}.weight: byte {i} holds the invalid ternary code 3 (0x{:02x}): corrupt checkpoint",
+            bytes[i]
+        )
+    }
+    Ok(())
 }
 
 /// Reads a one-element float tensor (`weight_scale` is `[1]` or `[]` depending on the converter).

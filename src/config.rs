@@ -159,6 +159,27 @@ impl Config {
         if self.mlp_bias {
             bail!("unsupported mlp_bias true (BitNet projections have no bias)")
         }
+        for (name, value) in [
+            ("num_attention_heads", self.num_attention_heads),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("vocab_size", self.vocab_size),
+            ("head_dim", self.head_dim.unwrap_or(1)),
+        ] {
+            if value == 0 {
+                bail!("{name} must be positive, found 0")
+            }
+        }
+        // Rotary tables are built for every position up front.
+        if self.max_position_embeddings == 0 || self.max_position_embeddings > 1 << 20 {
+            bail!(
+                "unsupported max_position_embeddings {}",
+                self.max_position_embeddings
+            )
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            bail!("invalid rms_norm_eps {}", self.rms_norm_eps)
+        }
         let n_kv = self.num_key_value_heads();
         if n_kv == 0 || !self.num_attention_heads.is_multiple_of(n_kv) {
             bail!(
@@ -398,6 +419,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("invalid config.json"));
+    }
+
+    #[test]
+    fn accepts_1bitllm_latent_checkpoints() -> Result<()> {
+        let mut v = base();
+        v["model_type"] = "llama".into();
+        v["hidden_act"] = "silu".into();
+        v["architectures"] = serde_json::json!(["BitnetForCausalLM"]);
+        v.as_object_mut().unwrap().remove("quantization_config");
+        let cfg = parse(v)?;
+        assert_eq!(cfg.quantization_mode()?, QuantizationMode::Online);
+        assert!(!cfg.has_sub_norms());
+        Ok(())
     }
 
     #[test]

@@ -401,8 +401,8 @@ impl Generator {
             Some(crate::config::EosTokenId::Multiple(ids)) => ids.clone(),
             None => cfg.eos_token_ids(),
         };
-        let vb = weights::var_builder(&files.weights, device::compute_dtype(device), device)?;
-        let model = BitnetForCausalLM::new(&cfg, vb)?;
+        let dtype = device::compute_dtype(device);
+        let model = weights::load_model(&cfg, &files.weights, dtype, device)?;
         Ok(Self {
             model,
             tokenizer,

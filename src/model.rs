@@ -245,13 +245,22 @@ pub struct BitnetForCausalLM {
 
 impl BitnetForCausalLM {
     /// Builds the model from `vb` (rooted at the checkpoint's top level: `model.*`, `lm_head.*`).
-    /// Norms load in `vb.dtype()`; ternary projections stay packed. The embedding and the head
-    /// load in [`embedding_dtype`]: bf16 (as checkpoints store them) where the CPU computes in f32,
-    /// since the head is the largest matrix read per decoded token.
+    /// Norms, embeddings and the head load in `vb.dtype()`; ternary projections stay packed.
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let dtype = vb.dtype();
+        Self::new_with_embedding_dtype(cfg, vb, dtype)
+    }
+
+    /// Like [`Self::new`], with the embedding and head held in `embed_dtype`: see
+    /// [`embedding_dtype`] for the one choice that is both exact and faster.
+    pub fn new_with_embedding_dtype(
+        cfg: &Config,
+        vb: VarBuilder,
+        embed_dtype: DType,
+    ) -> Result<Self> {
         cfg.validate()?;
         let vb_m = vb.pp("model");
-        let (v, h, embed_dtype) = (cfg.vocab_size, cfg.hidden_size, embedding_dtype(&vb));
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed =
             vb_m.get_with_hints_dtype((v, h), "embed_tokens.weight", Init::Const(0.), embed_dtype)?;
         let rotary = Arc::new(RotaryEmbedding::new(cfg, vb.dtype(), vb.device())?);
@@ -345,6 +354,16 @@ impl BitnetForCausalLM {
                 self.max_position_embeddings
             )
         }
+        let cached = self
+            .layers
+            .first()
+            .map_or(0, |l| l.self_attn.kv_cache.current_seq_len());
+        if offset != cached {
+            bail!(
+                "offset {offset} does not match the {cached} positions in the KV cache \
+                 (call clear_kv_cache() to start a new sequence)"
+            )
+        }
         let max_id = ids
             .flatten_all()?
             .max(0)?
@@ -397,12 +416,15 @@ impl BitnetForCausalLM {
     }
 }
 
-/// The dtype of the embedding and head: bf16 for f32 compute on the CPU, else the compute dtype.
-pub fn embedding_dtype(vb: &VarBuilder) -> DType {
-    if vb.device().is_cpu() && vb.dtype() == DType::F32 {
+/// The dtype to hold the embedding and head in, given the dtype they are stored in: bf16 when
+/// they are stored in bf16 (hub checkpoints are) and the CPU computes in f32, since the head is
+/// the largest matrix read per decoded token and bf16 holds those values exactly; otherwise the
+/// compute dtype.
+pub fn embedding_dtype(stored: DType, compute: DType, device: &Device) -> DType {
+    if device.is_cpu() && compute == DType::F32 && stored == DType::BF16 {
         DType::BF16
     } else {
-        vb.dtype()
+        compute
     }
 }
 

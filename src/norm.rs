@@ -82,6 +82,9 @@ impl CustomOp2 for FusedRmsNorm {
         };
         let (x, w) = (&x[x0..x1], &w[w0..w1]);
         let n = w.len();
+        if n == 0 {
+            bail!("rms-norm-f32: empty weight")
+        }
         if xl.dims().last() != Some(&n) {
             bail!(
                 "rms-norm-f32: input shape {:?} does not end in the weight size {n}",

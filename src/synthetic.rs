@@ -236,15 +236,17 @@ pub fn tensors(
     Ok(map)
 }
 
-/// The dtype [`BitnetForCausalLM::new`] loads the embedding and head in for compute `dtype`.
+/// The dtype synthetic embeddings and heads are made and held in: stored as bf16, as hub
+/// checkpoints store them, so held as the model holds those ([`crate::model::embedding_dtype`]).
 pub fn embedding_dtype(dtype: DType, device: &Device) -> DType {
-    crate::model::embedding_dtype(&VarBuilder::zeros(dtype, device))
+    crate::model::embedding_dtype(DType::BF16, dtype, device)
 }
 
 /// A model shaped like `cfg` with seeded random weights, built through the loading path.
 pub fn build(cfg: &Config, seed: u64, dtype: DType, device: &Device) -> Result<BitnetForCausalLM> {
     let map = tensors(cfg, seed, dtype, device)?;
-    BitnetForCausalLM::new(cfg, VarBuilder::from_tensors(map, dtype, device))
+    let vb = VarBuilder::from_tensors(map, dtype, device);
+    BitnetForCausalLM::new_with_embedding_dtype(cfg, vb, embedding_dtype(dtype, device))
 }
 
 /// `len` seeded random token ids below `vocab`: a prompt for benchmarks.

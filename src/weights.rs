@@ -9,7 +9,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{bail, DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use safetensors::{Dtype, View};
+use safetensors::Dtype;
 use std::path::{Path, PathBuf};
 
 /// The safetensors files of a checkpoint directory: `model.safetensors`, or the shards listed by
@@ -103,16 +103,17 @@ impl CheckedSafetensors {
         }
     }
 
-    /// Total bytes of the tensors stored, per stored dtype class: `(u8 bytes, float bytes)`.
-    pub fn stored_bytes(&self) -> (usize, usize) {
-        self.inner.tensors().iter().fold((0, 0), |(u, f), (_, v)| {
-            let n = v.data_len();
-            if v.dtype() == Dtype::U8 {
-                (u + n, f)
-            } else {
-                (u, f + n)
-            }
-        })
+    /// The dtype `name` is stored in, if present and of a dtype candle knows.
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+        let view = self.inner.get(name).ok()?;
+        match view.dtype() {
+            Dtype::U8 => Some(DType::U8),
+            Dtype::F16 => Some(DType::F16),
+            Dtype::BF16 => Some(DType::BF16),
+            Dtype::F32 => Some(DType::F32),
+            Dtype::F64 => Some(DType::F64),
+            _ => None,
+        }
     }
 
     pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
@@ -154,6 +155,28 @@ pub fn var_builder(
     Ok(CheckedSafetensors::open(paths)?.into_var_builder(dtype, device))
 }
 
+/// Builds the model from checkpoint files, computing in `dtype` on `device`; the embedding and
+/// head stay in bf16 on the CPU when the files store them so ([`crate::model::embedding_dtype`]).
+pub fn load_model(
+    cfg: &crate::Config,
+    paths: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<crate::BitnetForCausalLM> {
+    let weights = CheckedSafetensors::open(paths)?;
+    let mut vocab_matrices = vec!["model.embed_tokens.weight"];
+    if !cfg.tie_word_embeddings {
+        vocab_matrices.push("lm_head.weight");
+    }
+    let all_bf16 = vocab_matrices
+        .iter()
+        .all(|n| weights.stored_dtype(n) == Some(DType::BF16));
+    let stored = if all_bf16 { DType::BF16 } else { dtype };
+    let embed_dtype = crate::model::embedding_dtype(stored, dtype, device);
+    let vb = weights.into_var_builder(dtype, device);
+    crate::BitnetForCausalLM::new_with_embedding_dtype(cfg, vb, embed_dtype)
+}
+
 /// Loads `config.json` and the weights of a checkpoint directory in the hub layout.
 pub fn load_model_dir(
     dir: &Path,
@@ -164,7 +187,6 @@ pub fn load_model_dir(
         bail!("model directory {} does not exist", dir.display())
     }
     let cfg = crate::Config::from_file(&dir.join("config.json"))?;
-    let vb = var_builder(&safetensors_files(dir)?, dtype, device)?;
-    let model = crate::BitnetForCausalLM::new(&cfg, vb)?;
+    let model = load_model(&cfg, &safetensors_files(dir)?, dtype, device)?;
     Ok((cfg, model))
 }

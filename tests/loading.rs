@@ -431,9 +431,98 @@ fn bad_token_ids_and_over_long_sequences_are_errors() -> Result<()> {
 #[test]
 fn model_builds_from_a_var_builder_of_in_memory_tensors() -> Result<()> {
     let cfg = Config::from_file(&fixture_dir().join("config.json"))?;
+    let reference = logits_of(&fixture_dir())?;
+    // The loader keeps the bf16-stored head in bf16: the same choice gives the same bits.
+    let vb = candle_nn::VarBuilder::from_tensors(fixture_tensors()?, DType::F32, &Device::Cpu);
+    let mut model = BitnetForCausalLM::new_with_embedding_dtype(&cfg, vb, DType::BF16)?;
+    assert_eq!(
+        max_abs_diff(&model.forward_all(&prompt()?, 0)?, &reference)?,
+        0.0
+    );
+    // Plain `new` holds the head in f32: the same values, summed in another order.
     let vb = candle_nn::VarBuilder::from_tensors(fixture_tensors()?, DType::F32, &Device::Cpu);
     let mut model = BitnetForCausalLM::new(&cfg, vb)?;
-    let logits = model.forward_all(&prompt()?, 0)?;
-    assert_eq!(max_abs_diff(&logits, &logits_of(&fixture_dir())?)?, 0.0);
+    assert!(max_abs_diff(&model.forward_all(&prompt()?, 0)?, &reference)? < 1e-4);
+    Ok(())
+}
+
+#[test]
+fn an_offset_that_disagrees_with_the_kv_cache_is_an_error() -> Result<()> {
+    let (_, mut model) = load_model_dir(&fixture_dir(), DType::F32, &Device::Cpu)?;
+    model.forward(&prompt()?, 0)?;
+    let e = model.forward(&prompt()?, 0).unwrap_err().to_string();
+    assert!(
+        e.contains("offset 0") && e.contains("9 positions") && e.contains("clear_kv_cache"),
+        "{e}"
+    );
+    let next = Tensor::new(&[[5u32]], &Device::Cpu)?;
+    assert!(model.forward(&next, 3).is_err());
+    model.forward(&next, 9)?;
+    model.clear_kv_cache();
+    model.forward(&prompt()?, 0)?;
+    Ok(())
+}
+
+#[test]
+fn corrupt_ternary_codes_are_refused() -> Result<()> {
+    let dir = broken_checkpoint(|t| {
+        let name = "model.layers.1.self_attn.v_proj.weight";
+        let mut bytes = t[name]
+            .flatten_all()
+            .and_then(|w| w.to_vec1::<u8>())
+            .expect("codes");
+        bytes[77] = 0b0011_0101; // code 3 in bit field 2
+        t.insert(
+            name.into(),
+            Tensor::from_vec(bytes, t[name].shape(), &Device::Cpu).expect("tensor"),
+        );
+    })?;
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("model.layers.1.self_attn.v_proj.weight")
+            && e.contains("byte 77")
+            && e.contains("code 3"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn use_rms_norm_adds_a_norm_on_every_bitlinear_input() -> Result<()> {
+    let mut cfg = fixture_config();
+    cfg["quantization_config"]["use_rms_norm"] = true.into();
+    let mut tensors = fixture_tensors()?;
+    let dir = tempfile::tempdir()?;
+    write_checkpoint(dir.path(), &cfg, &tensors)?;
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj.rms_norm.weight"),
+        "{e}"
+    );
+
+    let mut rng = StdRng::seed_from_u64(3);
+    let projections: Vec<(String, usize)> = tensors
+        .iter()
+        .filter(|(k, _)| k.ends_with("_proj.weight"))
+        .map(|(k, v)| {
+            (
+                k.replace(".weight", ".rms_norm.weight"),
+                v.dim(1).expect("in"),
+            )
+        })
+        .collect();
+    for (name, n) in projections {
+        let w: Vec<f32> = (0..n).map(|_| rng.random_range(0.5f32..1.5)).collect();
+        tensors.insert(name, Tensor::from_vec(w, n, &Device::Cpu)?);
+    }
+    write_checkpoint(dir.path(), &cfg, &tensors)?;
+    let normed = logits_of(dir.path())?;
+    let plain = logits_of(&fixture_dir())?;
+    assert!(normed
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|v| v.is_finite()));
+    assert!(max_abs_diff(&normed, &plain)? > 1e-3);
     Ok(())
 }

@@ -30,6 +30,9 @@ pub struct BitLinearOp {
 impl BitLinearOp {
     fn check(&self, x: &Layout, w: &Layout) -> Result<(usize, Shape)> {
         let (r, k) = w.shape().dims2()?;
+        if r == 0 || k == 0 {
+            bail!("bitlinear: empty packed weight {:?}", w.shape().dims())
+        }
         if r * 4 != self.out_features || k != self.in_features {
             bail!(
                 "bitlinear: packed weight shape {:?}, expected [{}, {}]",
