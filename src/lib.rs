@@ -8,10 +8,12 @@
 //! - [`config`]: `config.json` parsing and validation.
 //! - [`quant`]: the pure-Rust reference arithmetic and the packed layout (documented there).
 //! - [`ops`]: the BitLinear custom op (CPU kernels, CUDA kernels).
-//! - [`bitlinear`]: the `BitLinear` layer; [`model`]: the causal LM.
+//! - [`bitlinear`]: the `BitLinear` layer; [`norm`]: RMSNorm in transformers' order;
+//!   [`model`]: the causal LM.
 //! - [`weights`]: memory-mapped, validating safetensors loading.
 //! - [`hub`]: model files from a directory or the Hugging Face hub cache; [`device`]: device
 //!   and compute dtype; [`generate`]: tokenizer, chat template, sampling, streaming ([`Generator`]).
+//! - [`synthetic`]: seeded random models at real shapes; [`bench`]: the end-to-end benchmark.
 
 pub mod bench;
 pub mod bitlinear;

@@ -87,8 +87,8 @@ impl Kernel {
         self == Kernel::Portable
     }
 
-    /// Tokens one BitLinear micro-tile holds in registers (32 zmm fit 4 tokens × 4 planes; 16
-    /// ymm fit 2).
+    /// Tokens one BitLinear micro-tile handles (32 zmm fit 4 tokens × 4 planes; with 16 ymm the
+    /// 2-token AVX2 tile already spills some accumulators, measured still faster than 1).
     fn max_tokens(self) -> usize {
         match self {
             Kernel::Portable => 1,

@@ -142,7 +142,7 @@ fn hsum4_256(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m128i {
     }
 }
 
-/// 32-byte chunks summed in i16 before widening: 32 · 512 < 2¹⁵.
+/// 32-byte chunks summed in i16 before widening: 32 · 768 < 2¹⁵ (768 with a corrupt code 3).
 const I16_CHUNKS: usize = 32;
 
 #[allow(clippy::needless_range_loop)]
@@ -161,8 +161,8 @@ unsafe fn avx2<const P: usize, const T: usize>(
     let mut acc = [[[_mm256_setzero_si256(); 4]; T]; P];
     let mut c = 0;
     while c < k {
-        // `vpmaddubsw` pairs are at most 2·2·128 = 512 in magnitude, so 32 of them fit an i16
-        // lane: widen to i32 (`vpmaddwd`) once per 32 chunks, not per chunk.
+        // `vpmaddubsw` pairs are at most 2·2·128 = 512 in magnitude (768 if a code were 3), so
+        // 32 of them fit an i16 lane: widen to i32 (`vpmaddwd`) once per 32 chunks, not per chunk.
         let block_end = k.min(c + 32 * I16_CHUNKS);
         let mut acc16 = [[[_mm256_setzero_si256(); 4]; T]; P];
         while c < block_end {
