@@ -179,3 +179,46 @@ fn head_kernels_match_an_f32_matmul() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn activation_quantization_edge_rows_match_the_reference() -> Result<()> {
+    // Rows the quantizer must get exactly right in every kernel: all zero (scale clamp), ties at
+    // .5 (half to even: absmax 127 gives scale 1), ±max, a denormal-sized row, and -0.0.
+    let k = 70;
+    let tie_row: Vec<f32> = (0..k)
+        .map(|i| {
+            if i == 0 {
+                127.0
+            } else {
+                (i as f32 - 35.0) + 0.5
+            }
+        })
+        .collect();
+    let max_row: Vec<f32> = (0..k)
+        .map(|i| if i % 2 == 0 { 3.0 } else { -3.0 })
+        .collect();
+    let tiny_row: Vec<f32> = (0..k).map(|i| (i as f32 - 30.0) * 1e-38).collect();
+    let neg_zero_row = vec![-0.0f32; k];
+    let zero_row = vec![0.0f32; k];
+    let rows = [zero_row, tie_row, max_row, tiny_row, neg_zero_row];
+    let x: Vec<f32> = rows.concat();
+    let mut rng = StdRng::seed_from_u64(5);
+    let out = 12;
+    let values: Vec<i8> = (0..out * k).map(|_| rng.random_range(-1..=1)).collect();
+    let packed = pack_ternary(&values, out, k)?;
+    let want = bits(&bitlinear_reference(&x, rows.len(), &packed, out, 1.5));
+    let acts = QuantizedRows::new(&x, rows.len(), k);
+    for &kernel in Kernel::available() {
+        let mut y = vec![f32::NAN; rows.len() * out];
+        bitlinear_with(kernel, &acts, &packed, k, out, 1.5, &mut y)?;
+        assert_eq!(bits(&y), want, "{kernel:?}");
+    }
+    // The tie row really holds ties, and they round to even, not away from zero.
+    let mut q = vec![0i8; k];
+    assert_eq!(
+        candle_bitnet::quant::quantize_activations(&rows[1], &mut q),
+        1.0
+    );
+    assert_eq!((q[1], q[34], q[35], q[36]), (-34, 0, 0, 2));
+    Ok(())
+}
