@@ -133,7 +133,8 @@ impl GenerationConfig {
         let mut p = GenerationParams::default();
         if self.do_sample == Some(true) {
             p.temperature = self.temperature.unwrap_or(1.0);
-            p.top_k = self.top_k.filter(|k| *k > 0);
+            // transformers' GenerationConfig defaults top_k to 50; 0 turns it off.
+            p.top_k = Some(self.top_k.unwrap_or(50)).filter(|k| *k > 0);
             p.top_p = self.top_p.filter(|p| *p < 1.0);
             p.min_p = self.min_p;
         }

@@ -63,8 +63,11 @@ fn greedy_generation_and_streaming_match_the_fixture() -> Result<()> {
 fn defaults_come_from_generation_config() -> Result<()> {
     let gen = load(&fixture_dir())?;
     let p = gen.default_params();
-    // do_sample true, temperature 0.6, top_p 0.9; eos [503, 511].
-    assert_eq!((p.temperature, p.top_p, p.top_k), (0.6, Some(0.9), None));
+    // do_sample true, temperature 0.6, top_p 0.9, no top_k (transformers' default 50); eos [503, 511].
+    assert_eq!(
+        (p.temperature, p.top_p, p.top_k),
+        (0.6, Some(0.9), Some(50))
+    );
     assert_eq!(gen.eos_token_ids(), &[503, 511]);
     Ok(())
 }
