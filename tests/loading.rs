@@ -526,3 +526,26 @@ fn use_rms_norm_adds_a_norm_on_every_bitlinear_input() -> Result<()> {
     assert!(max_abs_diff(&normed, &plain)? > 1e-3);
     Ok(())
 }
+
+#[test]
+fn bitlinear_from_packed_codes_matches_the_loaded_layer() -> Result<()> {
+    use candle_core::Module;
+    let (_, model) = load_model_dir(&fixture_dir(), DType::F32, &Device::Cpu)?;
+    let loaded = model.bitlinears()[4];
+    let rebuilt =
+        candle_bitnet::BitLinear::from_packed(loaded.packed_weight().clone(), loaded.w_div())?;
+    let mut rng = StdRng::seed_from_u64(9);
+    let x: Vec<f32> = (0..3 * loaded.in_features())
+        .map(|_| rng.random_range(-2.0f32..2.0))
+        .collect();
+    let x = Tensor::from_vec(x, (3, loaded.in_features()), &Device::Cpu)?;
+    assert_eq!(
+        max_abs_diff(&loaded.forward(&x)?, &rebuilt.forward(&x)?)?,
+        0.0
+    );
+    assert_eq!(rebuilt.out_features(), loaded.out_features());
+    let bad = Tensor::zeros((4, 8), DType::F32, &Device::Cpu)?;
+    assert!(candle_bitnet::BitLinear::from_packed(bad, 1.0).is_err());
+    assert!(candle_bitnet::BitLinear::from_packed(loaded.packed_weight().clone(), 0.0).is_err());
+    Ok(())
+}
