@@ -6,7 +6,7 @@
 
 use crate::config::{Config, LinearClass, QuantizationMode};
 use crate::norm::RmsNorm;
-use crate::quant::{check_packable, pack_ternary, ternarize_absmean, unpack_ternary};
+use crate::quant::{check_packable, pack_ternary, ternarize_absmean};
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -127,19 +127,6 @@ impl BitLinear {
 
     pub fn w_div(&self) -> f32 {
         self.w_div
-    }
-
-    /// The effective dense weights `W_t / w_div`, `[out, in]` f32 on the CPU: for tests and the
-    /// dense baseline, never on the inference path.
-    pub fn dequantize(&self) -> Result<Tensor> {
-        let packed = self
-            .weight
-            .to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<u8>()?;
-        let values = unpack_ternary(&packed, self.out_features, self.in_features);
-        let dense: Vec<f32> = values.into_iter().map(|v| v as f32 / self.w_div).collect();
-        Tensor::from_vec(dense, (self.out_features, self.in_features), &Device::Cpu)
     }
 
     /// This layer as the baseline a user has without this crate: the same effective weights

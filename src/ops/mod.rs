@@ -17,6 +17,7 @@ pub use stages::{
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use std::borrow::Cow;
 
 /// Packed ternary weights `[out/4, in]` (U8) times activations `[.., in]` (f32/bf16/f16).
 #[derive(Debug, Clone, Copy)]
@@ -55,11 +56,30 @@ impl BitLinearOp {
     }
 }
 
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("bitlinear: {what} must be contiguous"),
+        None => bail!("input must be contiguous"),
     }
+}
+
+/// A float input as f32, borrowed when it already is.
+fn to_f32<'a>(x: &'a CpuStorage, layout: &Layout) -> Result<Cow<'a, [f32]>> {
+    Ok(match x {
+        CpuStorage::F32(v) => contiguous(v, layout)?.into(),
+        CpuStorage::BF16(v) => contiguous(v, layout)?.iter().map(|v| v.to_f32()).collect(),
+        CpuStorage::F16(v) => contiguous(v, layout)?.iter().map(|v| v.to_f32()).collect(),
+        other => bail!("input must be f32, bf16 or f16, found {:?}", other.dtype()),
+    })
+}
+
+fn from_f32(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(v),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
+        other => bail!("dtype must be f32, bf16 or f16, found {other:?}"),
+    })
 }
 
 impl CustomOp2 for BitLinearOp {
@@ -78,22 +98,8 @@ impl CustomOp2 for BitLinearOp {
         let CpuStorage::U8(w) = w else {
             bail!("bitlinear: packed weight must be U8, found {:?}", w.dtype())
         };
-        let w = contiguous(w, w_layout, "packed weight")?;
-        let x_f32: std::borrow::Cow<[f32]> = match x {
-            CpuStorage::F32(x) => contiguous(x, x_layout, "input")?.into(),
-            CpuStorage::BF16(x) => contiguous(x, x_layout, "input")?
-                .iter()
-                .map(|v| v.to_f32())
-                .collect(),
-            CpuStorage::F16(x) => contiguous(x, x_layout, "input")?
-                .iter()
-                .map(|v| v.to_f32())
-                .collect(),
-            other => bail!(
-                "bitlinear: input must be f32, bf16 or f16, found {:?}",
-                other.dtype()
-            ),
-        };
+        let w = contiguous(w, w_layout)?;
+        let x_f32 = to_f32(x, x_layout)?;
         let acts = cpu::QuantizedRows::new(&x_f32, n_rows, self.in_features);
         let mut y = vec![0f32; n_rows * self.out_features];
         cpu::bitlinear(
@@ -104,12 +110,7 @@ impl CustomOp2 for BitLinearOp {
             self.w_div,
             &mut y,
         )?;
-        let y = match x.dtype() {
-            DType::F32 => CpuStorage::F32(y),
-            DType::BF16 => CpuStorage::BF16(y.into_iter().map(half::bf16::from_f32).collect()),
-            _ => CpuStorage::F16(y.into_iter().map(half::f16::from_f32).collect()),
-        };
-        Ok((y, out_shape))
+        Ok((from_f32(y, x.dtype())?, out_shape))
     }
 
     #[cfg(feature = "cuda")]

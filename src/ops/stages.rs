@@ -3,7 +3,7 @@
 //! dense baseline can decode weights where they live. They run the same kernels as
 //! [`super::bitlinear`]; on the CPU they run the reference arithmetic of [`crate::quant`].
 
-use super::BitLinearOp;
+use super::{contiguous, from_f32, to_f32, BitLinearOp};
 use crate::quant::{quantize_activations as quantize_row, unpack_ternary};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -59,31 +59,6 @@ fn rows_of(layout: &Layout, in_features: usize) -> Result<usize> {
         )
     }
     Ok(layout.shape().elem_count() / in_features)
-}
-
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("input must be contiguous"),
-    }
-}
-
-fn to_f32(x: &CpuStorage, layout: &Layout) -> Result<Vec<f32>> {
-    Ok(match x {
-        CpuStorage::F32(v) => contiguous(v, layout)?.to_vec(),
-        CpuStorage::BF16(v) => contiguous(v, layout)?.iter().map(|v| v.to_f32()).collect(),
-        CpuStorage::F16(v) => contiguous(v, layout)?.iter().map(|v| v.to_f32()).collect(),
-        other => bail!("input must be f32, bf16 or f16, found {:?}", other.dtype()),
-    })
-}
-
-fn from_f32(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
-    Ok(match dtype {
-        DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
-        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
-        other => bail!("dtype must be f32, bf16 or f16, found {other:?}"),
-    })
 }
 
 /// Per-token int8 values and scales, by the reference.
