@@ -389,7 +389,8 @@ impl BitnetForCausalLM {
     /// last position, `(b, vocab)`.
     pub fn forward(&mut self, ids: &Tensor, offset: usize) -> Result<Tensor> {
         let x = self.hidden_states(ids, offset)?;
-        let last = x.narrow(1, x.dim(1)? - 1, 1)?.squeeze(1)?;
+        // Contiguous: with b > 1 the narrowed rows are strided, which CUDA's matmul refuses.
+        let last = x.narrow(1, x.dim(1)? - 1, 1)?.squeeze(1)?.contiguous()?;
         self.project_to_vocab(&last)
     }
 

@@ -14,7 +14,7 @@ use candle_bitnet::ops::{
 use candle_bitnet::quant::pack_ternary;
 use candle_bitnet::weights::load_model_dir;
 use candle_core::{DType, Device, Result, Tensor};
-use common::{assert_logits_close, fixture_dir, Expected, PROMPTS};
+use common::{assert_batch_matches_single, assert_logits_close, fixture_dir, Expected, PROMPTS};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Activation rows: the mat-vec range (1-8), just past it, one and several gemm tiles.
@@ -201,6 +201,25 @@ fn outputs_match_the_cpu_bit_for_bit_in_every_dtype() -> Result<()> {
     Ok(())
 }
 
+/// No rows in, no rows out, on both devices.
+#[test]
+fn empty_input_gives_an_empty_output() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let mut rng = StdRng::seed_from_u64(17);
+    let (k, out) = (44, 12);
+    let w = Tensor::from_vec(
+        packed_weights(&mut rng, out, k)?,
+        (out / 4, k),
+        &Device::Cpu,
+    )?;
+    let x = Tensor::zeros((0, k), DType::F32, &Device::Cpu)?;
+    let want = bitlinear(&x, &w, 1.5)?;
+    let got = bitlinear(&x.to_device(&gpu)?, &w.to_device(&gpu)?, 1.5)?;
+    assert_eq!(want.dims(), [0, out]);
+    assert_eq!(got.dims(), [0, out]);
+    Ok(())
+}
+
 #[test]
 fn unaligned_weight_storage_takes_the_guarded_loads() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
@@ -362,6 +381,18 @@ fn bf16_model_on_cuda_is_within_the_bf16_tolerance() -> Result<()> {
             "{p}: cuda bf16 greedy {gpu_ids:?}\n{p}: cpu  bf16 greedy {cpu_ids:?} (first {agree} of {} agree)",
             greedy.len()
         );
+    }
+    Ok(())
+}
+
+/// Two prompts in one batch on the GPU, each row against the same prompt alone (strided rows
+/// reach the head here, which cuBLAS refuses unless made contiguous).
+#[test]
+fn a_batch_of_prompts_on_cuda_matches_each_prompt_alone() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+        let (_, mut model) = load_model_dir(&fixture_dir(), dtype, &gpu)?;
+        assert_batch_matches_single(&mut model, tol)?;
     }
     Ok(())
 }

@@ -4,7 +4,7 @@ mod common;
 
 use candle_bitnet::weights::load_model_dir;
 use candle_core::{DType, Device, Result, Tensor};
-use common::{assert_logits_close, fixture_dir, Expected, PROMPTS};
+use common::{assert_batch_matches_single, assert_logits_close, fixture_dir, Expected, PROMPTS};
 
 fn ids_tensor(ids: &[u32]) -> Result<Tensor> {
     Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)
@@ -74,4 +74,10 @@ fn prefill_then_cached_decode_matches_reference() -> Result<()> {
         assert_eq!(generated, greedy, "{p}: greedy ids (KV-cached decode)");
     }
     Ok(())
+}
+
+#[test]
+fn a_batch_of_prompts_matches_each_prompt_alone() -> Result<()> {
+    let (_, mut model) = load_model_dir(&fixture_dir(), DType::F32, &Device::Cpu)?;
+    assert_batch_matches_single(&mut model, 1e-5)
 }

@@ -7,7 +7,7 @@
 //! exact i32 products with the packed codes and applies both scales.
 
 use super::{BitLinearKernelOp, GpuKernel, QuantPart};
-use candle_core::backend::BackendStorage;
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
@@ -216,6 +216,11 @@ pub(super) fn bitlinear_fwd(
     let (n_rows, shape) = op.op.check(x_layout, w_layout)?;
     let (kernel, raw, op) = (op.kernel, op.raw, op.op);
     let dev = x.device.clone();
+    let out_dtype = if raw { DType::I32 } else { x.dtype() };
+    if n_rows == 0 {
+        // No rows in, no rows out, as on the CPU.
+        return Ok((dev.zeros_impl(&shape, out_dtype)?, shape));
+    }
     let w = view::<u8>(w, w_layout, "packed weight")?;
     let use_gemv = match kernel {
         GpuKernel::Auto => n_rows <= GEMV_MAX_ROWS,
@@ -226,7 +231,6 @@ pub(super) fn bitlinear_fwd(
         GpuKernel::Gemm => false,
     };
     let q = quantize::<i8>(x, x_layout, n_rows, op.in_features, "i8")?;
-    let out_dtype = if raw { DType::I32 } else { x.dtype() };
     let r = op.out_features / 4;
     let (name, module, ptx, cfg) = if use_gemv {
         let grid = (r.div_ceil(GEMV_WARPS), 1);
@@ -301,11 +305,6 @@ pub(super) fn dequantize_fwd(
     let dev = w.device.clone();
     let (r, k) = w_layout.shape().dims2()?;
     let w = view::<u8>(w, w_layout, "packed weight")?;
-    let func = dev.get_or_load_custom_func(
-        &format!("dequant_{}", suffix(dtype)?),
-        "candle_bitnet_dequant",
-        ptx::DEQUANT,
-    )?;
     let blocks = (r * k)
         .div_ceil(DEQUANT_THREADS as usize)
         .clamp(1, MAX_GRID_STRIDE_BLOCKS);
@@ -315,6 +314,11 @@ pub(super) fn dequantize_fwd(
     as_i32(4 * r, "out_features")?;
     macro_rules! launch {
         ($t:ty) => {{
+            let func = dev.get_or_load_custom_func(
+                &format!("dequant_{}", suffix(dtype)?),
+                "candle_bitnet_dequant",
+                ptx::DEQUANT,
+            )?;
             let mut out = alloc_out::<$t>(&dev, 4 * r * k)?;
             let mut b = func.builder();
             b.arg(&w).arg(&mut out).arg(&r_i).arg(&k_i).arg(&w_div);

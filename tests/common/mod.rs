@@ -1,6 +1,7 @@
 //! Shared by the integration tests: the bundled reference fixture and its tolerances.
 #![allow(dead_code)]
 
+use candle_bitnet::BitnetForCausalLM;
 use candle_core::{DType, Device, Result, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -65,5 +66,43 @@ pub fn assert_logits_close(name: &str, got: &Tensor, want: &Tensor) -> Result<()
         close >= 0.2,
         "{name}: only {close} of positions within 1e-4·max|ref|"
     );
+    Ok(())
+}
+
+/// A batch of two equal-length prompts (prefill, then one KV-cached step) gives each row the
+/// logits that prompt gives alone, within `tol` relative L2.
+pub fn assert_batch_matches_single(model: &mut BitnetForCausalLM, tol: f32) -> Result<()> {
+    let expected = Expected::load()?;
+    let dev = model.device().clone();
+    let a = expected.ids("ids_len7", "prompt_ids");
+    let b: Vec<u32> = expected.ids("ids_len23", "prompt_ids")[..a.len()].to_vec();
+    let next = [3u32, 5];
+    let single = |model: &mut BitnetForCausalLM, ids: &[u32], next: u32| -> Result<Vec<Tensor>> {
+        model.clear_kv_cache();
+        let first = model.forward(&Tensor::new(ids, &dev)?.unsqueeze(0)?, 0)?;
+        let second = model.forward(&Tensor::new(&[[next]], &dev)?, ids.len())?;
+        Ok(vec![first.squeeze(0)?, second.squeeze(0)?])
+    };
+    let alone = [single(model, &a, next[0])?, single(model, &b, next[1])?];
+    model.clear_kv_cache();
+    let batch = Tensor::stack(&[Tensor::new(&a[..], &dev)?, Tensor::new(&b[..], &dev)?], 0)?;
+    let steps = [
+        model.forward(&batch, 0)?,
+        model.forward(&Tensor::new(&next, &dev)?.unsqueeze(1)?, a.len())?,
+    ];
+    for (step, logits) in steps.iter().enumerate() {
+        assert_eq!(logits.dims(), [2, model.vocab_size()], "batch logits shape");
+        for (row, single) in alone.iter().enumerate() {
+            let got = logits.get(row)?.to_device(&Device::Cpu)?;
+            let want = single[step].to_device(&Device::Cpu)?;
+            let diff = (&got - &want)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            let err = (diff / want.sqr()?.sum_all()?.to_scalar::<f32>()?).sqrt();
+            assert!(
+                err <= tol,
+                "batch row {row}, step {step}: rel-L2 {err} > {tol}"
+            );
+        }
+    }
+    model.clear_kv_cache();
     Ok(())
 }
