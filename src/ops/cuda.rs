@@ -6,6 +6,7 @@
 //! `bitlinear_gemv_<out>` (up to [`GEMV_MAX_ROWS`] rows) or `bitlinear_gemm_<out>` computes the
 //! exact i32 products with the packed codes and applies both scales.
 
+use super::launch::{self, Launch, ACT_ALIGN, GEMV_MAX_ROWS};
 use super::{BitLinearKernelOp, GpuKernel, QuantPart};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{
@@ -19,20 +20,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
 }
-
-// These mirror the constants of the same names in kernels/*.cu.
-/// Int8 activation rows are zero-padded to a multiple of this many bytes.
-const ACT_ALIGN: usize = 16;
-/// Rows up to which the mat-vec kernel runs (one output per lane of a warp).
-pub const GEMV_MAX_ROWS: usize = 8;
-const GEMV_WARPS: usize = 4;
-const GEMM_TM: usize = 64;
-const GEMM_TJ: usize = 32;
-const GEMM_THREADS: u32 = 256;
-const QUANTIZE_THREADS: u32 = 256;
-const DEQUANT_THREADS: u32 = 256;
-/// Grid-stride kernels need no more blocks than this to fill an H100/H200.
-const MAX_GRID_STRIDE_BLOCKS: usize = 65_535;
 
 static POISON: AtomicBool = AtomicBool::new(false);
 
@@ -121,7 +108,8 @@ fn as_i32(v: usize, what: &str) -> Result<i32> {
         .map_err(|_| candle_core::Error::Msg(format!("bitlinear (cuda): {what} {v} exceeds i32")))
 }
 
-fn launch_cfg(grid: (usize, usize), block: u32) -> Result<LaunchConfig> {
+fn launch_cfg(launch: Launch) -> Result<LaunchConfig> {
+    let Launch { grid, block } = launch;
     Ok(LaunchConfig {
         grid_dim: (
             as_i32(grid.0, "grid")? as u32,
@@ -173,7 +161,7 @@ fn quantize<Q: Poison>(
         .arg(&k_pad_i);
     // SAFETY: argument types and order match `quantize_rows` in kernels/quantize.cu; x holds
     // n_rows·k elements, the outputs the sizes allocated above; one block per row.
-    unsafe { b.launch(launch_cfg((n_rows, 1), QUANTIZE_THREADS)?) }.w()?;
+    unsafe { b.launch(launch_cfg(launch::quantize(n_rows))?) }.w()?;
     Ok(out)
 }
 
@@ -233,25 +221,11 @@ pub(super) fn bitlinear_fwd(
     let q = quantize::<i8>(x, x_layout, n_rows, op.in_features, "i8")?;
     let r = op.out_features / 4;
     let (name, module, ptx, cfg) = if use_gemv {
-        let grid = (r.div_ceil(GEMV_WARPS), 1);
-        let block = (GEMV_WARPS * 32) as u32;
-        (
-            "gemv",
-            "candle_bitnet_gemv",
-            ptx::BITLINEAR_GEMV,
-            launch_cfg(grid, block)?,
-        )
+        let cfg = launch_cfg(launch::gemv(r))?;
+        ("gemv", "candle_bitnet_gemv", ptx::BITLINEAR_GEMV, cfg)
     } else {
-        let grid = (r.div_ceil(GEMM_TJ), n_rows.div_ceil(GEMM_TM));
-        if grid.1 > 65_535 {
-            bail!("bitlinear (cuda): {n_rows} rows exceed the gemm grid")
-        }
-        (
-            "gemm",
-            "candle_bitnet_gemm",
-            ptx::BITLINEAR_GEMM,
-            launch_cfg(grid, GEMM_THREADS)?,
-        )
+        let cfg = launch_cfg(launch::gemm(r, n_rows)?)?;
+        ("gemm", "candle_bitnet_gemm", ptx::BITLINEAR_GEMM, cfg)
     };
     let func = dev.get_or_load_custom_func(
         &format!("bitlinear_{name}_{}", suffix(out_dtype)?),
@@ -305,10 +279,7 @@ pub(super) fn dequantize_fwd(
     let dev = w.device.clone();
     let (r, k) = w_layout.shape().dims2()?;
     let w = view::<u8>(w, w_layout, "packed weight")?;
-    let blocks = (r * k)
-        .div_ceil(DEQUANT_THREADS as usize)
-        .clamp(1, MAX_GRID_STRIDE_BLOCKS);
-    let cfg = launch_cfg((blocks, 1), DEQUANT_THREADS)?;
+    let cfg = launch_cfg(launch::dequant(r, k))?;
     // The kernel indexes output rows (< 4r) as int.
     let (r_i, k_i) = (as_i32(r, "packed rows")?, as_i32(k, "in_features")?);
     as_i32(4 * r, "out_features")?;

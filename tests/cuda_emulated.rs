@@ -1,0 +1,475 @@
+//! The CUDA kernels of `kernels/` on the CPU, through the emulation in `tests/cuda_emulated/`
+//! (every CUDA thread a host thread, see `include/cuda_shim.h`), against the reference in
+//! [`candle_bitnet::quant`], bit for bit. This checks the kernels' logic (indexing, tails,
+//! guarded loads, reductions, rounding) on machines without a GPU; `tests/cuda.rs` checks the
+//! real thing where there is one.
+//!
+//! The test compiles `tests/cuda_emulated/driver.cpp` with the system C++ compiler and runs it
+//! once per kernel launch, with the launch geometry and arguments of `src/ops/cuda.rs`. Every
+//! output buffer starts as 0xAB bytes and ends against an inaccessible page. Without a C++
+//! compiler every test prints "skipped: no C++ compiler" and passes. `CUDA_EMULATED_KERNELS=dir`
+//! tests the kernels in `dir` instead of `kernels/` (a copy with a deliberate bug, say).
+#![cfg(unix)] // the driver maps guard pages with mmap
+
+use candle_bitnet::ops::dequantize;
+use candle_bitnet::ops::launch::{self, Launch, ACT_ALIGN, GEMV_MAX_ROWS};
+use candle_bitnet::quant::{
+    dequantize_accumulator, pack_ternary, quantize_activations, ternary_accumulate,
+};
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Activation rows: the mat-vec range (1-8), just past it, one and two gemm row tiles.
+const ROWS: [usize; 7] = [1, 2, 7, 8, 9, 65, 128];
+/// (in, out). `in`: below 16, tails of 1, 2 and 8 bytes past a 16-byte chunk, multiples of
+/// 16 (the 16-byte weight loads) with more chunks than a warp has lanes (592) and a tail past
+/// the gemm's 64-byte steps (592 = 9·64 + 16). `out / 4` packed rows: partial gemv blocks
+/// (4 rows) and gemm tiles (32 rows), two gemm column tiles (33).
+const SHAPES: [(usize, usize); 9] = [
+    (1, 4),
+    (3, 12),
+    (17, 44),
+    (64, 8),
+    (130, 132),
+    (256, 44),
+    (344, 128),
+    (592, 20),
+    (2568, 20),
+];
+/// Nine gemm row tiles, the last one a single row.
+const BIG: (usize, usize, usize) = (513, 130, 132);
+
+/// A deadlock (a barrier or shuffle that not every thread reaches) shows up as this.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---- the driver ----
+
+/// The driver binary, compiled on first use; `None` (after printing why) without a compiler.
+fn driver() -> Option<&'static Path> {
+    static DRIVER: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let exe = DRIVER.get_or_init(|| {
+        let cxx = ["c++", "g++"].into_iter().find(|cxx| {
+            Command::new(cxx)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })?;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let src = root.join("tests/cuda_emulated");
+        // A modified copy of kernels/ instead, to see that the test catches a deliberate bug.
+        let custom = std::env::var_os("CUDA_EMULATED_KERNELS").map(PathBuf::from);
+        let kernels = custom.clone().unwrap_or(root.join("kernels"));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda_emulated");
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join(if custom.is_some() {
+            "driver-custom"
+        } else {
+            "driver"
+        });
+        // Built under a name of its own, then renamed: another test run may be using `exe`.
+        let tmp = exe.with_extension(std::process::id().to_string());
+        let started = Instant::now();
+        let out = Command::new(cxx)
+            .args(["-std=c++20", "-O2", "-pthread", "-ffp-contract=off"])
+            .arg("-Wno-unknown-pragmas") // #pragma unroll
+            // The shim's cuda_*.h first, so that kernels/*.cu compile unmodified.
+            .arg("-I")
+            .arg(src.join("include"))
+            .arg("-I")
+            .arg(&kernels)
+            .arg(src.join("driver.cpp"))
+            .arg(src.join("shim.cpp"))
+            .arg("-o")
+            .arg(&tmp)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cxx} failed on the emulated kernels:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::rename(&tmp, &exe).unwrap();
+        println!(
+            "compiled {} with {cxx} in {:.1?}",
+            kernels.display(),
+            started.elapsed()
+        );
+        Some(exe)
+    });
+    if exe.is_none() {
+        println!("skipped: no C++ compiler");
+    }
+    exe.as_deref()
+}
+
+/// One kernel argument, in the kernel's order.
+enum Arg {
+    /// An input buffer; `Some(off)` places it `off` bytes past a 16-byte boundary, `None` right
+    /// against the guard page that follows it (16-byte aligned when its size is a multiple of 16).
+    In(Vec<u8>, Option<usize>),
+    /// An output buffer of this many bytes.
+    Out(usize),
+    Int(usize),
+    Float(f32),
+}
+
+/// Runs `kernel` on a grid of blocks as `src/ops/cuda.rs` launches it; returns the output
+/// buffers in order.
+fn run(exe: &Path, kernel: &str, Launch { grid, block }: Launch, args: Vec<Arg>) -> Vec<Vec<u8>> {
+    // One launch at a time: the emulation already keeps every core busy with a block's threads.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut cmd = Command::new(exe);
+    cmd.arg(dir.path()).arg(kernel).args([
+        grid.0.to_string(),
+        grid.1.to_string(),
+        block.to_string(),
+    ]);
+    let mut outputs = vec![];
+    for (i, arg) in args.into_iter().enumerate() {
+        cmd.arg(match arg {
+            Arg::In(data, offset) => {
+                std::fs::write(dir.path().join(format!("a{i}")), data).unwrap();
+                match offset {
+                    Some(off) => format!("in:a{i}+{off}"),
+                    None => format!("in:a{i}"),
+                }
+            }
+            Arg::Out(bytes) => {
+                outputs.push(format!("a{i}"));
+                format!("out:a{i}:{bytes}")
+            }
+            Arg::Int(v) => format!("i:{}", i32::try_from(v).unwrap()),
+            Arg::Float(v) => format!("f:{:08x}", v.to_bits()),
+        });
+    }
+    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > LAUNCH_TIMEOUT {
+            child.kill().unwrap();
+            panic!("{kernel} {grid:?}x{block}: no end after {LAUNCH_TIMEOUT:?} (a deadlock?)");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    if !status.success() {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        let why = match status.signal() {
+            Some(11) => ": an access past the end of a buffer?",
+            _ => "",
+        };
+        panic!("{kernel} {grid:?}x{block}: the driver failed, {status}{why}: {err}");
+    }
+    outputs
+        .iter()
+        .map(|f| std::fs::read(dir.path().join(f)).unwrap())
+        .collect()
+}
+
+// ---- data ----
+
+/// An element of a device buffer, and its bits for comparisons.
+trait Elem: Copy {
+    const SIZE: usize;
+    fn put(self, out: &mut Vec<u8>);
+    fn get(b: &[u8]) -> Self;
+    fn bits(self) -> u32;
+}
+
+macro_rules! elem {
+    ($t:ty, $bits:expr) => {
+        impl Elem for $t {
+            const SIZE: usize = size_of::<$t>();
+            fn put(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes())
+            }
+            fn get(b: &[u8]) -> Self {
+                <$t>::from_le_bytes(b.try_into().unwrap())
+            }
+            fn bits(self) -> u32 {
+                $bits(self)
+            }
+        }
+    };
+}
+elem!(u8, |v: u8| v as u32);
+elem!(i8, |v: i8| v as u8 as u32);
+elem!(i32, |v: i32| v as u32);
+elem!(f32, f32::to_bits);
+elem!(bf16, |v: bf16| v.to_bits() as u32);
+elem!(f16, |v: f16| v.to_bits() as u32);
+
+fn to_bytes<T: Elem>(v: &[T]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * T::SIZE);
+    v.iter().for_each(|x| x.put(&mut out));
+    out
+}
+
+fn from_bytes<T: Elem>(b: &[u8]) -> Vec<T> {
+    b.chunks_exact(T::SIZE).map(T::get).collect()
+}
+
+/// Every element of `got` (a device buffer) equal, bit for bit, to `want`.
+fn assert_same<T: Elem>(got: &[u8], want: &[T], what: &str) {
+    assert_eq!(got.len(), want.len() * T::SIZE, "{what}: buffer size");
+    let got = from_bytes::<T>(got);
+    let bad: Vec<usize> = (0..want.len())
+        .filter(|&i| got[i].bits() != want[i].bits())
+        .collect();
+    if let Some(&i) = bad.first() {
+        panic!(
+            "{what}: {} of {} elements differ, first at {i}: got {:#x}, want {:#x}",
+            bad.len(),
+            want.len(),
+            got[i].bits(),
+            want[i].bits()
+        );
+    }
+}
+
+/// Activations `[n, k]`: random, a few large values per row, and, before the last row, edge
+/// rows: all ties (absmax 127, so x·s_x lands on .5), all zeros (the absmax clamp), ±absmax
+/// with ties, values below the clamp, and -0 with a NaN (quantized to 0).
+fn activations(rng: &mut StdRng, n: usize, k: usize) -> Vec<f32> {
+    let mut x: Vec<f32> = (0..n * k)
+        .map(|i| {
+            let v: f32 = rng.random_range(-1.0..1.0);
+            if i % 17 == 3 {
+                v * 40.0
+            } else {
+                v + 1e-3
+            }
+        })
+        .collect();
+    for t in 0..n.saturating_sub(1).min(5) {
+        let row = &mut x[t * k..(t + 1) * k];
+        for (c, v) in row.iter_mut().enumerate() {
+            *v = match t {
+                0 if c == 0 => 127.0,
+                0 => (c % 254) as f32 - 126.5,
+                1 => 0.0,
+                // absmax 2 with both signs: s_x = 63.5, and ±1 lands on ±63.5.
+                2 => [2.0, -2.0, 1.0, -1.0][c % 4] * if c % 8 < 4 { 1.0 } else { 0.5 },
+                3 => ((c % 16) as f32 - 7.5) * 1e-7,
+                _ if c % 5 == 2 => f32::NAN,
+                _ => [-0.0, 0.25, -0.75][c % 3],
+            };
+        }
+    }
+    x
+}
+
+/// Random ternary `[out, in]` packed to `[out/4, in]` bytes by the reference packer.
+fn packed_weights(rng: &mut StdRng, out: usize, k: usize) -> Vec<u8> {
+    let values: Vec<i8> = (0..out * k).map(|_| rng.random_range(-1..=1)).collect();
+    pack_ternary(&values, out, k).unwrap()
+}
+
+/// The reference per-token quantization, in the kernels' layout: `xq [n, k_pad]` zero-padded,
+/// the scales, the row sums of `xq`.
+struct Quantized {
+    xq: Vec<i8>,
+    scale: Vec<f32>,
+    sum: Vec<i32>,
+}
+
+fn reference_quantize(x: &[f32], n: usize, k: usize) -> Quantized {
+    let k_pad = k.next_multiple_of(ACT_ALIGN);
+    let mut q = Quantized {
+        xq: vec![0; n * k_pad],
+        scale: vec![],
+        sum: vec![],
+    };
+    for (t, row) in x.chunks_exact(k).enumerate() {
+        let xq = &mut q.xq[t * k_pad..t * k_pad + k];
+        q.scale.push(quantize_activations(row, xq));
+        q.sum.push(xq.iter().map(|&v| v as i32).sum());
+    }
+    q
+}
+
+/// Every quantize kernel: int8 (and the tests' int32) values, scales and row sums, for f32,
+/// bf16 and f16 inputs.
+#[test]
+fn quantize_kernels_match_the_reference() {
+    let Some(exe) = driver() else { return };
+    let mut rng = StdRng::seed_from_u64(21);
+    // 7 rows: the 5 edge rows and 2 random ones; 65 rows: blocks well past the first few.
+    let cases = SHAPES.iter().map(|&(k, _)| (7, k)).chain([(65, 130)]);
+    for (n, k) in cases {
+        let x = activations(&mut rng, n, k);
+        let k_pad = k.next_multiple_of(ACT_ALIGN);
+        for input in ["f32", "bf16", "f16"] {
+            // The input's bytes, and the f32 values that the CPU op quantizes.
+            let (bytes, x32): (Vec<u8>, Vec<f32>) = match input {
+                "f32" => (to_bytes(&x), x.clone()),
+                "bf16" => {
+                    let v: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+                    (to_bytes(&v), v.iter().map(|v| v.to_f32()).collect())
+                }
+                _ => {
+                    let v: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+                    (to_bytes(&v), v.iter().map(|v| v.to_f32()).collect())
+                }
+            };
+            let want = reference_quantize(&x32, n, k);
+            let variants: &[(&str, usize)] = match n {
+                7 => &[("i8", 1), ("i32", 4)],
+                _ => &[("i8", 1)],
+            };
+            for &(q, q_size) in variants {
+                let name = format!("quantize_{q}_{input}");
+                let args = vec![
+                    Arg::In(bytes.clone(), None),
+                    Arg::Out(n * k_pad * q_size),
+                    Arg::Out(n * 4),
+                    Arg::Out(n * 4),
+                    Arg::Int(k),
+                    Arg::Int(k_pad),
+                ];
+                // As `quantize` in src/ops/cuda.rs: one block per row.
+                let got = run(exe, &name, launch::quantize(n), args);
+                let what = format!("{name} [{n}, {k}]");
+                if q == "i8" {
+                    assert_same(&got[0], &want.xq, &format!("{what} values"));
+                } else {
+                    let xq: Vec<i32> = want.xq.iter().map(|&v| v as i32).collect();
+                    assert_same(&got[0], &xq, &format!("{what} values"));
+                }
+                assert_same(&got[1], &want.scale, &format!("{what} scales"));
+                assert_same(&got[2], &want.sum, &format!("{what} sums"));
+            }
+        }
+    }
+}
+
+/// `bitlinear_gemv_*` (up to 8 rows) and `bitlinear_gemm_*` (any rows): raw i32 accumulators
+/// and scaled outputs in f32, bf16 and f16. Their inputs are the reference's int8 activations,
+/// scales and sums, which the test above holds `quantize_i8_*` to (cheaper than running it
+/// for every row here). Weights: right before a guard page, which is 16-byte aligned when
+/// `in % 16 == 0`, and, for those shapes, 3 bytes off (the guarded loads).
+#[test]
+fn bitlinear_kernels_match_the_reference() {
+    let Some(exe) = driver() else { return };
+    let mut rng = StdRng::seed_from_u64(22);
+    let cases = SHAPES
+        .iter()
+        .flat_map(|&(k, out)| ROWS.iter().map(move |&n| (n, k, out)))
+        .chain([BIG]);
+    let mut weights = None;
+    for (n, k, out) in cases {
+        if weights
+            .as_ref()
+            .is_none_or(|(shape, _, _)| *shape != (k, out))
+        {
+            let w = packed_weights(&mut rng, out, k);
+            weights = Some(((k, out), w, rng.random_range(0.5..4.0f32)));
+        }
+        let (_, w, w_div) = weights.as_ref().unwrap();
+        let (r, k_pad) = (out / 4, k.next_multiple_of(ACT_ALIGN));
+
+        let x = activations(&mut rng, n, k);
+        let q = reference_quantize(&x, n, k);
+        let acc: Vec<i32> = (0..n)
+            .flat_map(|t| ternary_accumulate(&q.xq[t * k_pad..t * k_pad + k], w, out))
+            .collect();
+        let y: Vec<f32> = (0..n * out)
+            .map(|i| dequantize_accumulator(acc[i], q.scale[i / out], *w_div))
+            .collect();
+
+        let gemm = launch::gemm(r, n).unwrap();
+        let gemv = launch::gemv(r);
+        let mut kernels = vec![("gemm", gemm)];
+        if n <= GEMV_MAX_ROWS {
+            kernels.push(("gemv", gemv));
+        }
+        let mut variants = vec![("i32", None), ("f32", None), ("bf16", None), ("f16", None)];
+        if k % 16 == 0 {
+            // Otherwise the loads are byte-wise anyway: `in` alone rules out 16-byte loads.
+            variants.push(("i32", Some(3)));
+        }
+        for (kernel, geometry) in kernels {
+            for &(dtype, w_offset) in &variants {
+                let size = if matches!(dtype, "bf16" | "f16") {
+                    2
+                } else {
+                    4
+                };
+                let args = vec![
+                    Arg::In(w.clone(), w_offset),
+                    Arg::In(to_bytes(&q.xq), None),
+                    Arg::In(to_bytes(&q.scale), None),
+                    Arg::In(to_bytes(&q.sum), None),
+                    Arg::Out(n * out * size),
+                    Arg::Int(n),
+                    Arg::Int(r),
+                    Arg::Int(k),
+                    Arg::Int(k_pad),
+                    Arg::Float(*w_div),
+                ];
+                let name = format!("bitlinear_{kernel}_{dtype}");
+                let got = &run(exe, &name, geometry, args)[0];
+                let what = format!("{name} rows {n}, {k} → {out}, weights at {w_offset:?}");
+                match dtype {
+                    "i32" => assert_same(got, &acc, &what),
+                    "f32" => assert_same(got, &y, &what),
+                    "bf16" => {
+                        let y: Vec<bf16> = y.iter().map(|&v| bf16::from_f32(v)).collect();
+                        assert_same(got, &y, &what)
+                    }
+                    _ => {
+                        let y: Vec<f16> = y.iter().map(|&v| f16::from_f32(v)).collect();
+                        assert_same(got, &y, &what)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dequant_*`: packed weights to dense `W / w_div` in each dtype, against the CPU op.
+#[test]
+fn dequant_kernels_match_the_reference() {
+    let Some(exe) = driver() else { return };
+    let mut rng = StdRng::seed_from_u64(23);
+    for &(k, out) in &SHAPES {
+        let (r, w) = (out / 4, packed_weights(&mut rng, out, k));
+        let w_div: f32 = rng.random_range(0.5..4.0);
+        let cpu = Tensor::from_vec(w.clone(), (r, k), &Device::Cpu).unwrap();
+        for (dtype, size) in [(DType::F32, 4), (DType::BF16, 2), (DType::F16, 2)] {
+            let name = format!("dequant_{}", dtype.as_str());
+            let args = vec![
+                Arg::In(w.clone(), None),
+                Arg::Out(out * k * size),
+                Arg::Int(r),
+                Arg::Int(k),
+                Arg::Float(w_div),
+            ];
+            let got = &run(exe, &name, launch::dequant(r, k), args)[0];
+            let want = dequantize(&cpu, w_div, dtype)
+                .unwrap()
+                .flatten_all()
+                .unwrap();
+            let what = format!("{name} [{out}, {k}]");
+            match dtype {
+                DType::F32 => assert_same(got, &want.to_vec1::<f32>().unwrap(), &what),
+                DType::BF16 => assert_same(got, &want.to_vec1::<bf16>().unwrap(), &what),
+                _ => assert_same(got, &want.to_vec1::<f16>().unwrap(), &what),
+            }
+        }
+    }
+}
