@@ -5,8 +5,7 @@
 //! bf16 widens to f32 exactly (a 16-bit shift), products accumulate in f32 (fused multiply-add
 //! where the CPU has it) across 32 lanes, so only the summation order differs from an f32 matmul.
 //! The inner loop is plain Rust written to vectorize; the x86 variants compile the same code for
-//! AVX2+FMA or AVX-512F (zmm FMA; opt-in with `CANDLE_BITNET_AVX512=1` like the VNNI BitLinear,
-//! since it has not yet run on AVX-512 hardware).
+//! AVX2+FMA or AVX-512F (zmm FMA, with the VNNI BitLinear: both go with [`Kernel::Avx512Vnni`]).
 //! Vocabulary rows split over rayon; up to four tokens share each widened chunk of weights.
 
 use super::{Kernel, OutPtr};

@@ -27,8 +27,8 @@ use std::sync::OnceLock;
 /// never need a tail (the packed rows are not padded: kernels mask their last chunk).
 pub const K_ALIGN: usize = 64;
 
-/// Set to `1` to enable the AVX-512 VNNI kernels (not yet verified on AVX-512 hardware).
-pub const AVX512_OPT_IN: &str = "CANDLE_BITNET_AVX512";
+/// Set to `0` to keep AVX-512 CPUs on the AVX2 kernels (to compare the two, say).
+pub const AVX512_ENV: &str = "CANDLE_BITNET_AVX512";
 
 /// A kernel family; each exists for BitLinear and for the head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,10 +70,10 @@ impl Kernel {
         match self {
             Kernel::Portable => true,
             Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-            // Opt-in until it has run on AVX-512 hardware: the machines this was written on
-            // have none, and QEMU's TCG does not emulate AVX-512.
+            // Verified bit-exact by the parity tests under emulation (bochs's Tiger Lake model,
+            // scripts/avx512-emulated.sh): the machines this was written on have no AVX-512.
             Kernel::Avx512Vnni => {
-                std::env::var_os(AVX512_OPT_IN).is_some_and(|v| v == "1")
+                std::env::var_os(AVX512_ENV).is_none_or(|v| v != "0")
                     && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("fma")
