@@ -11,10 +11,12 @@ use candle_bitnet::ops::{
     bitlinear, bitlinear_accumulate, bitlinear_with_kernel, dequantize, quantize_activations,
     GpuKernel,
 };
-use candle_bitnet::quant::pack_ternary;
 use candle_bitnet::weights::load_model_dir;
 use candle_core::{DType, Device, Result, Tensor};
-use common::{assert_batch_matches_single, assert_logits_close, fixture_dir, Expected, PROMPTS};
+use common::{
+    assert_batch_matches_single, assert_logits_close, fixture_dir, random_activations,
+    random_packed, Expected, PROMPTS,
+};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Activation rows: the mat-vec range (1-8), just past it, one and several gemm tiles.
@@ -61,16 +63,7 @@ fn gpu() -> Option<Device> {
 /// (absmax 127, so x·s_x lands on .5 and rounding half to even decides) and row 1 is all
 /// zeros (the absmax clamp).
 fn activations(rng: &mut StdRng, n: usize, k: usize) -> Vec<f32> {
-    let mut x: Vec<f32> = (0..n * k)
-        .map(|i| {
-            let v: f32 = rng.random_range(-1.0..1.0);
-            if i % 17 == 3 {
-                v * 40.0
-            } else {
-                v + 1e-3
-            }
-        })
-        .collect();
+    let mut x = random_activations(rng, n, k);
     if n >= 3 {
         for (c, v) in x[..k].iter_mut().enumerate() {
             *v = if c == 0 {
@@ -82,11 +75,6 @@ fn activations(rng: &mut StdRng, n: usize, k: usize) -> Vec<f32> {
         x[k..2 * k].fill(0.0);
     }
     x
-}
-
-fn packed_weights(rng: &mut StdRng, out: usize, k: usize) -> Result<Vec<u8>> {
-    let values: Vec<i8> = (0..out * k).map(|_| rng.random_range(-1..=1)).collect();
-    pack_ternary(&values, out, k)
 }
 
 /// Bit patterns of a float tensor (widened to f32, which is exact for bf16/f16), or the values
@@ -153,7 +141,7 @@ fn accumulators_match_the_cpu_bit_for_bit() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
     let mut rng = StdRng::seed_from_u64(12);
     for &(k, out) in &SHAPES {
-        let packed = packed_weights(&mut rng, out, k)?;
+        let packed = random_packed(&mut rng, out, k)?;
         let w = Tensor::from_vec(packed, (out / 4, k), &Device::Cpu)?;
         let w_gpu = w.to_device(&gpu)?;
         for &n in &ROWS {
@@ -178,7 +166,7 @@ fn outputs_match_the_cpu_bit_for_bit_in_every_dtype() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
     let mut rng = StdRng::seed_from_u64(13);
     for &(k, out) in &SHAPES {
-        let packed = packed_weights(&mut rng, out, k)?;
+        let packed = random_packed(&mut rng, out, k)?;
         let w = Tensor::from_vec(packed, (out / 4, k), &Device::Cpu)?;
         let w_gpu = w.to_device(&gpu)?;
         let w_div: f32 = rng.random_range(0.5..4.0);
@@ -207,11 +195,7 @@ fn empty_input_gives_an_empty_output() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
     let mut rng = StdRng::seed_from_u64(17);
     let (k, out) = (44, 12);
-    let w = Tensor::from_vec(
-        packed_weights(&mut rng, out, k)?,
-        (out / 4, k),
-        &Device::Cpu,
-    )?;
+    let w = Tensor::from_vec(random_packed(&mut rng, out, k)?, (out / 4, k), &Device::Cpu)?;
     let x = Tensor::zeros((0, k), DType::F32, &Device::Cpu)?;
     let want = bitlinear(&x, &w, 1.5)?;
     let got = bitlinear(&x.to_device(&gpu)?, &w.to_device(&gpu)?, 1.5)?;
@@ -226,7 +210,7 @@ fn unaligned_weight_storage_takes_the_guarded_loads() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(14);
     // in % 16 == 0, but the packed matrix starts 3 bytes into its buffer.
     let (k, out) = (256, 44);
-    let packed = packed_weights(&mut rng, out, k)?;
+    let packed = random_packed(&mut rng, out, k)?;
     let mut buf = vec![0u8; 3];
     buf.extend_from_slice(&packed);
     let w = Tensor::from_vec(packed, (out / 4, k), &Device::Cpu)?;
@@ -250,11 +234,7 @@ fn dequantize_matches_the_cpu_bit_for_bit() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
     let mut rng = StdRng::seed_from_u64(15);
     for &(k, out) in &SHAPES {
-        let w = Tensor::from_vec(
-            packed_weights(&mut rng, out, k)?,
-            (out / 4, k),
-            &Device::Cpu,
-        )?;
+        let w = Tensor::from_vec(random_packed(&mut rng, out, k)?, (out / 4, k), &Device::Cpu)?;
         let w_div: f32 = rng.random_range(0.5..4.0);
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let want = dequantize(&w, w_div, dtype)?;

@@ -11,12 +11,13 @@
 //! tests the kernels in `dir` instead of `kernels/` (a copy with a deliberate bug, say).
 #![cfg(unix)] // the driver maps guard pages with mmap
 
+mod common;
+
 use candle_bitnet::ops::dequantize;
 use candle_bitnet::ops::launch::{self, Launch, ACT_ALIGN, GEMV_MAX_ROWS};
-use candle_bitnet::quant::{
-    dequantize_accumulator, pack_ternary, quantize_activations, ternary_accumulate,
-};
+use candle_bitnet::quant::{dequantize_accumulator, quantize_activations, ternary_accumulate};
 use candle_core::{DType, Device, Tensor};
+use common::{random_activations, random_packed};
 use half::{bf16, f16};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::os::unix::process::ExitStatusExt;
@@ -245,16 +246,7 @@ fn assert_same<T: Elem>(got: &[u8], want: &[T], what: &str) {
 /// rows: all ties (absmax 127, so x·s_x lands on .5), all zeros (the absmax clamp), ±absmax
 /// with ties, values below the clamp, and -0 with a NaN (quantized to 0).
 fn activations(rng: &mut StdRng, n: usize, k: usize) -> Vec<f32> {
-    let mut x: Vec<f32> = (0..n * k)
-        .map(|i| {
-            let v: f32 = rng.random_range(-1.0..1.0);
-            if i % 17 == 3 {
-                v * 40.0
-            } else {
-                v + 1e-3
-            }
-        })
-        .collect();
+    let mut x = random_activations(rng, n, k);
     for t in 0..n.saturating_sub(1).min(5) {
         let row = &mut x[t * k..(t + 1) * k];
         for (c, v) in row.iter_mut().enumerate() {
@@ -271,12 +263,6 @@ fn activations(rng: &mut StdRng, n: usize, k: usize) -> Vec<f32> {
         }
     }
     x
-}
-
-/// Random ternary `[out, in]` packed to `[out/4, in]` bytes by the reference packer.
-fn packed_weights(rng: &mut StdRng, out: usize, k: usize) -> Vec<u8> {
-    let values: Vec<i8> = (0..out * k).map(|_| rng.random_range(-1..=1)).collect();
-    pack_ternary(&values, out, k).unwrap()
 }
 
 /// The reference per-token quantization, in the kernels' layout: `xq [n, k_pad]` zero-padded,
@@ -376,7 +362,7 @@ fn bitlinear_kernels_match_the_reference() {
             .as_ref()
             .is_none_or(|(shape, _, _)| *shape != (k, out))
         {
-            let w = packed_weights(&mut rng, out, k);
+            let w = random_packed(&mut rng, out, k).unwrap();
             weights = Some(((k, out), w, rng.random_range(0.5..4.0f32)));
         }
         let (_, w, w_div) = weights.as_ref().unwrap();
@@ -447,7 +433,7 @@ fn dequant_kernels_match_the_reference() {
     let Some(exe) = driver() else { return };
     let mut rng = StdRng::seed_from_u64(23);
     for &(k, out) in &SHAPES {
-        let (r, w) = (out / 4, packed_weights(&mut rng, out, k));
+        let (r, w) = (out / 4, random_packed(&mut rng, out, k).unwrap());
         let w_div: f32 = rng.random_range(0.5..4.0);
         let cpu = Tensor::from_vec(w.clone(), (r, k), &Device::Cpu).unwrap();
         for (dtype, size) in [(DType::F32, 4), (DType::BF16, 2), (DType::F16, 2)] {

@@ -2,10 +2,13 @@
 //! (every kernel variant this CPU runs, odd shapes, every input dtype); the bf16-weight head
 //! within float-reordering tolerance of candle's matmul.
 
+mod common;
+
 use candle_bitnet::ops::cpu::{bitlinear_with, matmul_bf16, Kernel, QuantizedRows};
 use candle_bitnet::ops::{bitlinear, matmul_bf16_weight};
 use candle_bitnet::quant::{bitlinear_reference, pack_ternary};
 use candle_core::{DType, Device, Result, Tensor};
+use common::{random_activations, random_packed};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const IN: [usize; 8] = [1, 3, 63, 64, 65, 127, 130, 2568];
@@ -22,21 +25,9 @@ struct Case {
 
 impl Case {
     fn random(rng: &mut StdRng, n: usize, k: usize, out: usize) -> Result<Self> {
-        // Never all zero: a few large values per row exercise the absmax scale and ±127.
-        let x = (0..n * k)
-            .map(|i| {
-                let v: f32 = rng.random_range(-1.0..1.0);
-                if i % 17 == 3 {
-                    v * 40.0
-                } else {
-                    v + 1e-3
-                }
-            })
-            .collect();
-        let values: Vec<i8> = (0..out * k).map(|_| rng.random_range(-1..=1)).collect();
         Ok(Self {
-            x,
-            packed: pack_ternary(&values, out, k)?,
+            x: random_activations(rng, n, k),
+            packed: random_packed(rng, out, k)?,
             n,
             out,
             w_div: rng.random_range(0.5..4.0),

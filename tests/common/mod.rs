@@ -3,6 +3,7 @@
 
 use candle_bitnet::BitnetForCausalLM;
 use candle_core::{DType, Device, Result, Tensor};
+use rand::{rngs::StdRng, Rng};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -105,4 +106,25 @@ pub fn assert_batch_matches_single(model: &mut BitnetForCausalLM, tol: f32) -> R
     }
     model.clear_kv_cache();
     Ok(())
+}
+
+/// Random activations `[n, k]`, never all zero: a few large values per row exercise the absmax
+/// scale and ±127. Tests overwrite some rows with their own edge cases.
+pub fn random_activations(rng: &mut StdRng, n: usize, k: usize) -> Vec<f32> {
+    (0..n * k)
+        .map(|i| {
+            let v: f32 = rng.random_range(-1.0..1.0);
+            if i % 17 == 3 {
+                v * 40.0
+            } else {
+                v + 1e-3
+            }
+        })
+        .collect()
+}
+
+/// Random ternary `[out, k]` packed to `[out/4, k]` bytes by the reference packer.
+pub fn random_packed(rng: &mut StdRng, out: usize, k: usize) -> Result<Vec<u8>> {
+    let values: Vec<i8> = (0..out * k).map(|_| rng.random_range(-1..=1)).collect();
+    candle_bitnet::quant::pack_ternary(&values, out, k)
 }
