@@ -10,15 +10,15 @@ pub const ACT_ALIGN: usize = 16;
 /// Rows up to which the mat-vec kernel runs (one output per lane of a warp).
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Warps per mat-vec block, one packed row each.
-pub const GEMV_WARPS: usize = 4;
+const GEMV_WARPS: usize = 4;
 /// Token rows and packed rows of one mat-mat block tile.
-pub const GEMM_TM: usize = 64;
-pub const GEMM_TJ: usize = 32;
-pub const GEMM_THREADS: u32 = 256;
-pub const QUANTIZE_THREADS: u32 = 256;
-pub const DEQUANT_THREADS: u32 = 256;
+const GEMM_TM: usize = 64;
+const GEMM_TJ: usize = 32;
+const GEMM_THREADS: u32 = 256;
+const QUANTIZE_THREADS: u32 = 256;
+const DEQUANT_THREADS: u32 = 256;
 /// Grid-stride kernels need no more blocks than this to fill an H100/H200.
-pub const MAX_GRID_STRIDE_BLOCKS: usize = 65_535;
+const MAX_GRID_STRIDE_BLOCKS: usize = 65_535;
 /// CUDA's limit on `gridDim.y`.
 const MAX_GRID_Y: usize = 65_535;
 
