@@ -6,9 +6,11 @@ CARGO ?= cargo
 build:
 	$(CARGO) build --release
 
-# Unit, integration and doc tests; benches and examples are compiled, not run.
+# Unit, integration and doc tests, with the default features (the CLI) and without (the library
+# a candle app embeds); benches and examples are compiled, not run.
 test:
 	$(CARGO) test
+	$(CARGO) test --no-default-features
 	$(CARGO) build --benches --examples
 
 lint:

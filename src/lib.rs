@@ -5,7 +5,8 @@
 //! their weights kept packed at 2 bits, through hand-written kernels on the CPU and, with the
 //! `cuda` feature, on NVIDIA GPUs.
 //!
-//! - [`config`]: `config.json` parsing and validation.
+//! - [`config`]: `config.json` parsing and validation; [`error`]: the library's [`Error`], with
+//!   its [`ErrorKind`] (bad model files, bad input, device, I/O).
 //! - [`quant`]: the pure-Rust reference arithmetic and the packed layout (documented there).
 //! - [`ops`]: the BitLinear custom op (CPU kernels, CUDA kernels).
 //! - [`bitlinear`]: the `BitLinear` layer; [`norm`]: RMSNorm in transformers' order;
@@ -13,23 +14,28 @@
 //! - [`weights`]: memory-mapped, validating safetensors loading.
 //! - [`hub`]: model files from a directory or the Hugging Face hub cache; [`device`]: device
 //!   and compute dtype; [`generate`]: tokenizer, chat template, sampling, streaming ([`Generator`]).
-//! - [`synthetic`]: seeded random models at real shapes; [`bench`]: the end-to-end benchmark.
+//! - With the `bench` feature (on by default through `cli`): `synthetic`, seeded random models
+//!   at real shapes, and `bench`, the end-to-end benchmark behind `bitnet bench`.
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod bitlinear;
 pub mod config;
 pub mod device;
+pub mod error;
 pub mod generate;
 pub mod hub;
 pub mod model;
 pub mod norm;
 pub mod ops;
 pub mod quant;
+#[cfg(feature = "bench")]
 pub mod synthetic;
 pub mod weights;
 
 pub use bitlinear::BitLinear;
 pub use config::Config;
+pub use error::{Context, Error, ErrorKind, Result};
 pub use generate::{GenerationParams, Generator, Message};
 pub use hub::ModelFiles;
 pub use model::BitnetForCausalLM;
