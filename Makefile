@@ -11,6 +11,7 @@ build:
 test:
 	$(CARGO) test
 	$(CARGO) test --no-default-features
+	$(CARGO) run --no-default-features --example embed
 	$(CARGO) build --benches --examples
 
 lint:
