@@ -1,12 +1,14 @@
-//! Text generation around [`BitnetForCausalLM`]: tokenizer, chat template, sampling, the
-//! prefill + decode loop, streaming detokenization and timing.
+//! Text generation around [`crate::BitnetModel`]: tokenizer, chat template, generation
+//! defaults, streaming detokenization and timing; one sequence at a time ([`Generator`]),
+//! through the same stepping code as the batching [`crate::engine`].
 //!
 //! - Raw prompts are tokenized with the tokenizer's own special-token rules (the Llama 3
 //!   post-processor of 2B-4T prepends `<|begin_of_text|>`); chat prompts are rendered from
 //!   `tokenizer_config.json`'s `chat_template` with minijinja and tokenized without added
 //!   specials, as `transformers`' `apply_chat_template` does (the template writes the BOS).
-//! - Sampling reuses candle-transformers' [`LogitsProcessor`] (greedy, temperature, top-k, top-p)
-//!   plus min-p and a windowed repeat penalty; defaults come from `generation_config.json`.
+//! - Sampling (in [`crate::engine`]) reuses candle-transformers' `LogitsProcessor` (temperature,
+//!   top-k, top-p) plus greedy first-maximum, min-p and penalties; defaults come from
+//!   `generation_config.json`.
 //! - Generation stops on every EOS id of `generation_config.json` (2B-4T: 128001, 128009).
 
 use crate::engine::{run_single, Event, FinishReason, Request};
@@ -380,7 +382,7 @@ impl Generator {
         Self::load(&files, device)
     }
 
-    /// Loads resolved files onto `device`, in [`device::compute_dtype`].
+    /// Loads resolved files onto `device`, in [`crate::device::compute_dtype`].
     pub fn load(files: &ModelFiles, device: &Device) -> Result<Self> {
         Self::load_with(files, &LoadOptions::new(device))
     }

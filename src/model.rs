@@ -358,7 +358,7 @@ impl BitnetModel {
     }
 
     /// Like [`Self::new`], with the embedding and head held in `head_dtype`
-    /// ([`crate::weights::LoadOptions`] picks it).
+    /// ([`crate::LoadOptions`] picks it).
     pub fn new_with_head_dtype(cfg: &Config, vb: VarBuilder, head_dtype: DType) -> Result<Self> {
         cfg.validate()?;
         let vb_m = vb.pp("model");
