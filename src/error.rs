@@ -97,6 +97,13 @@ impl Error {
     }
 }
 
+/// For model code on candle's `Result` calling the library (the message is kept, not the kind).
+impl From<Error> for candle_core::Error {
+    fn from(e: Error) -> Self {
+        candle_core::Error::Msg(e.to_string())
+    }
+}
+
 fn candle_kind(e: &candle_core::Error) -> ErrorKind {
     use candle_core::Error as E;
     match e {

@@ -9,13 +9,13 @@
 //!   plus min-p and a windowed repeat penalty; defaults come from `generation_config.json`.
 //! - Generation stops on every EOS id of `generation_config.json` (2B-4T: 128001, 128009).
 
+use crate::generation_config::GenerationConfig;
 use crate::hub::ModelFiles;
-use crate::{device, weights, BitnetForCausalLM, Config};
-use candle_core::{bail, Device, Error, Result, Tensor};
+pub use crate::template::{ChatTemplate, Message};
+use crate::{device, tokenizer, weights, BitnetForCausalLM, Config};
+use candle_core::{bail, Device, Result, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::utils::apply_repeat_penalty;
-use serde::{Deserialize, Serialize};
-use std::path::Path;
 use std::time::Instant;
 use tokenizers::Tokenizer;
 
@@ -107,143 +107,6 @@ impl GenerationParams {
     }
 }
 
-/// The `generation_config.json` keys we use.
-#[derive(Debug, Clone, Default, Deserialize)]
-struct GenerationConfig {
-    eos_token_id: Option<crate::config::EosTokenId>,
-    do_sample: Option<bool>,
-    temperature: Option<f64>,
-    top_k: Option<usize>,
-    top_p: Option<f64>,
-    min_p: Option<f64>,
-    repetition_penalty: Option<f32>,
-    max_new_tokens: Option<usize>,
-}
-
-impl GenerationConfig {
-    fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Msg(format!("cannot read {}: {e}", path.display())))?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::Msg(format!("invalid {}: {e}", path.display())))
-    }
-
-    /// Like `transformers`: sampling settings apply only when `do_sample` is true.
-    fn params(&self) -> GenerationParams {
-        let mut p = GenerationParams::default();
-        if self.do_sample == Some(true) {
-            p.temperature = self.temperature.unwrap_or(1.0);
-            // transformers' GenerationConfig defaults top_k to 50; 0 turns it off.
-            p.top_k = Some(self.top_k.unwrap_or(50)).filter(|k| *k > 0);
-            p.top_p = self.top_p.filter(|p| *p < 1.0);
-            p.min_p = self.min_p;
-        }
-        p.repeat_penalty = self.repetition_penalty.unwrap_or(1.0);
-        p.max_tokens = self.max_new_tokens.unwrap_or(p.max_tokens);
-        p
-    }
-}
-
-/// One chat message, as chat templates expect it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: &str, content: &str) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-    pub fn system(content: &str) -> Self {
-        Self::new("system", content)
-    }
-    pub fn user(content: &str) -> Self {
-        Self::new("user", content)
-    }
-    pub fn assistant(content: &str) -> Self {
-        Self::new("assistant", content)
-    }
-}
-
-/// `tokenizer_config.json`'s `chat_template`, compiled, with the special tokens it refers to.
-pub struct ChatTemplate {
-    env: minijinja::Environment<'static>,
-    bos_token: String,
-    eos_token: String,
-}
-
-impl ChatTemplate {
-    /// `None` when the file has no `chat_template`.
-    pub fn from_tokenizer_config(path: &Path) -> Result<Option<Self>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Msg(format!("cannot read {}: {e}", path.display())))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Msg(format!("invalid {}: {e}", path.display())))?;
-        // A plain string, or (newer configs) a list of named templates.
-        let source = match &json["chat_template"] {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Array(list) => match list
-                .iter()
-                .find(|t| t["name"] == "default")
-                .and_then(|t| t["template"].as_str())
-            {
-                Some(s) => s.to_string(),
-                None => bail!("{}: no \"default\" chat template", path.display()),
-            },
-            _ => return Ok(None),
-        };
-        // Special tokens are strings, or {"content": ...} objects in older configs.
-        let token = |key: &str| {
-            let v = &json[key];
-            v.as_str()
-                .or_else(|| v["content"].as_str())
-                .unwrap_or_default()
-                .to_string()
-        };
-        Self::new(&source, &token("bos_token"), &token("eos_token")).map(Some)
-    }
-
-    /// Compiles `source` with the Jinja settings `transformers` uses (trim and lstrip blocks,
-    /// `raise_exception`).
-    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
-        let mut env = minijinja::Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template_owned("chat", source.to_string())
-            .map_err(|e| Error::Msg(format!("invalid chat template: {e}")))?;
-        Ok(Self {
-            env,
-            bos_token: bos_token.into(),
-            eos_token: eos_token.into(),
-        })
-    }
-
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let render = || {
-            self.env.get_template("chat")?.render(minijinja::context! {
-                messages => messages,
-                bos_token => &self.bos_token,
-                eos_token => &self.eos_token,
-                add_generation_prompt => add_generation_prompt,
-            })
-        };
-        render().map_err(|e| Error::Msg(format!("cannot render the chat template: {e}")))
-    }
-}
-
 /// Incremental detokenizer: text pieces for a growing list of token ids that never end inside
 /// a multi-byte character. A character split across tokens decodes to U+FFFD until its last
 /// byte arrives, so pieces ending in U+FFFD wait (for at most 3 more tokens: a UTF-8 character
@@ -267,9 +130,7 @@ impl<'a> TokenOutputStream<'a> {
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, true)
-            .map_err(|e| Error::Msg(format!("cannot decode tokens: {e}")))
+        Ok(tokenizer::decode(self.tokenizer, ids)?)
     }
 
     /// The text `id` completes, if any.
@@ -351,7 +212,7 @@ fn rate(tokens: usize, secs: f64) -> f64 {
 /// A loaded model with its tokenizer, chat template and generation defaults.
 pub struct Generator {
     model: BitnetForCausalLM,
-    tokenizer: Tokenizer,
+    tokenizer: tokenizer::Tokenizer,
     template: Option<ChatTemplate>,
     eos_token_ids: Vec<u32>,
     defaults: GenerationParams,
@@ -375,20 +236,15 @@ const REPLY_MARKER: &str = "\u{1}bitnet-reply\u{1}";
 
 impl Generator {
     /// Loads `model` (a hub id, fetched at `revision`, or a directory) onto `device`.
-    pub fn from_pretrained(model: &str, revision: &str, device: &Device) -> Result<Self> {
+    pub fn from_pretrained(model: &str, revision: &str, device: &Device) -> crate::Result<Self> {
         Self::load(&ModelFiles::resolve(model, revision)?, device)
     }
 
     /// Loads resolved files onto `device`, in [`device::compute_dtype`].
-    pub fn load(files: &ModelFiles, device: &Device) -> Result<Self> {
+    pub fn load(files: &ModelFiles, device: &Device) -> crate::Result<Self> {
         let cfg = Config::from_file(&files.config)?;
         // Tokenizer first: a broken one should fail before gigabytes of weights are mapped.
-        let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| {
-            Error::Msg(format!(
-                "cannot load tokenizer {}: {e}",
-                files.tokenizer.display()
-            ))
-        })?;
+        let tokenizer = tokenizer::Tokenizer::from_file(&files.tokenizer)?;
         let template = match &files.tokenizer_config {
             Some(p) => ChatTemplate::from_tokenizer_config(p)?,
             None => None,
@@ -397,11 +253,9 @@ impl Generator {
             Some(p) => GenerationConfig::from_file(p)?,
             None => GenerationConfig::default(),
         };
-        let eos_token_ids = match &gen_cfg.eos_token_id {
-            Some(crate::config::EosTokenId::Single(id)) => vec![*id],
-            Some(crate::config::EosTokenId::Multiple(ids)) => ids.clone(),
-            None => cfg.eos_token_ids(),
-        };
+        let eos_token_ids = gen_cfg
+            .eos_token_ids()
+            .unwrap_or_else(|| cfg.eos_token_ids());
         let dtype = device::compute_dtype(device);
         let model = weights::load_model(&cfg, &files.weights, dtype, device)?;
         Ok(Self {
@@ -424,7 +278,7 @@ impl Generator {
         self.model.device()
     }
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        self.tokenizer.inner()
     }
     pub fn model(&self) -> &BitnetForCausalLM {
         &self.model
@@ -449,15 +303,12 @@ impl Generator {
         if text.is_empty() {
             bail!("the prompt is empty")
         }
-        let enc = self
-            .tokenizer
-            .encode(text, add_special_tokens)
-            .map_err(|e| Error::Msg(format!("cannot tokenize the prompt: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        let ctx = self.model.max_position_embeddings();
+        Ok(self.tokenizer.encode(text, add_special_tokens, ctx)?)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        TokenOutputStream::new(&self.tokenizer).decode(ids)
+        TokenOutputStream::new(self.tokenizer.inner()).decode(ids)
     }
 
     /// The chat template applied to `messages`, ending with the assistant's turn, tokenized
@@ -581,7 +432,7 @@ impl Generator {
         }
         let ctx = self.model.max_position_embeddings();
         let (n, max) = (ids.len(), params.max_tokens);
-        if n + max <= ctx {
+        if n.checked_add(max).is_some_and(|total| total <= ctx) {
             Ok(max)
         } else if params.truncate && n < ctx {
             Ok(ctx - n)
@@ -624,7 +475,7 @@ impl Generator {
 
         let seed = params.seed.unwrap_or_else(clock_seed);
         let mut sampler = LogitsProcessor::from_sampling(seed, params.sampling());
-        let mut stream = TokenOutputStream::new(&self.tokenizer);
+        let mut stream = TokenOutputStream::new(self.tokenizer.inner());
         let mut history = ids.to_vec();
         let mut generated = vec![];
         let mut stop = if max_new < params.max_tokens {
@@ -690,9 +541,13 @@ fn sample(
     params: &GenerationParams,
     history: &[u32],
 ) -> Result<u32> {
+    check_finite(logits, "the model produced")?;
     let logits = if params.repeat_penalty != 1.0 {
         let window = &history[history.len().saturating_sub(params.repeat_last_n)..];
-        apply_repeat_penalty(logits, params.repeat_penalty, window)?
+        let penalized = apply_repeat_penalty(logits, params.repeat_penalty, window)?;
+        let cause = format!("the repeat penalty {} produced", params.repeat_penalty);
+        check_finite(&penalized, &cause)?;
+        penalized
     } else {
         logits.clone()
     };
@@ -708,6 +563,21 @@ fn sample(
         }),
         None => sampler.sample(&logits),
     }
+}
+
+/// Refuses logits holding NaN or infinity, which sample as garbage (argmax) or fail inside the
+/// sampler with a message about weights. One reduction: NaN and ±inf survive a sum.
+fn check_finite(logits: &Tensor, cause: &str) -> Result<()> {
+    let sum = logits
+        .sum_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_scalar::<f32>()?;
+    if sum.is_finite() {
+        return Ok(());
+    }
+    bail!(
+        "{cause} non-finite logits (NaN or infinity): the weights are corrupt or a generation parameter is out of range"
+    )
 }
 
 fn clock_seed() -> u64 {

@@ -11,7 +11,12 @@
 //! - [`ops`]: the BitLinear custom op (CPU kernels, CUDA kernels).
 //! - [`bitlinear`]: the `BitLinear` layer; [`norm`]: RMSNorm in transformers' order;
 //!   [`model`]: the causal LM.
-//! - [`weights`]: memory-mapped, validating safetensors loading.
+//! - [`weights`]: memory-mapped, validating safetensors loading; [`json`]: the checkpoint's
+//!   small JSON files, read with a size limit; [`tokenizer`]: `tokenizer.json` loaded and run
+//!   with guards; [`template`]: chat templates rendered within limits;
+//!   [`generation_config`]: the model's sampling defaults.
+//! - [`output`]: writing files a caller names without replacing devices or links;
+//!   [`escape`]: strings from files made safe for one error line.
 //! - [`hub`]: model files from a directory or the Hugging Face hub cache; [`device`]: device
 //!   and compute dtype; [`generate`]: tokenizer, chat template, sampling, streaming ([`Generator`]).
 //! - With the `bench` feature (on by default through `cli`): `synthetic`, seeded random models
@@ -23,14 +28,20 @@ pub mod bitlinear;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod escape;
 pub mod generate;
+pub mod generation_config;
 pub mod hub;
+pub mod json;
 pub mod model;
 pub mod norm;
 pub mod ops;
+pub mod output;
 pub mod quant;
 #[cfg(feature = "bench")]
 pub mod synthetic;
+pub mod template;
+pub mod tokenizer;
 pub mod weights;
 
 pub use bitlinear::BitLinear;
