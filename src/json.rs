@@ -54,7 +54,8 @@ pub fn parse<T: DeserializeOwned>(file: &str, bytes: &[u8]) -> Result<T> {
     let value = match serde_path_to_error::deserialize(&mut de) {
         Ok(value) => de.end().map(|()| value).map_err(|e| e.to_string()),
         Err(e) => match e.path().to_string().as_str() {
-            "." => Err(e.inner().to_string()),
+            // `?`: a key that could not be read.
+            "." | "?" => Err(e.inner().to_string()),
             path => Err(format!("{path}: {}", e.inner())),
         },
     };

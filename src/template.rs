@@ -101,10 +101,10 @@ impl ChatTemplate {
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
+                Err(
+                    minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg)
+                        .with_source(Raised),
+                )
             },
         );
         env.add_template_owned("chat", source.to_string())
@@ -161,15 +161,26 @@ impl ChatTemplate {
             Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(Error::model(format!(
                 "{origin} ran more than {TEMPLATE_FUEL} instructions, a runaway template"
             ))),
-            // `raise_exception`: the template refuses the conversation (e.g. roles that do
-            // not alternate).
-            Err(e) if e.kind() == minijinja::ErrorKind::InvalidOperation => {
+            // The template refuses the conversation (e.g. roles that do not alternate).
+            Err(e) if std::error::Error::source(&e).is_some_and(|s| s.is::<Raised>()) => {
                 Err(Error::new(ErrorKind::Input, render_error(origin, &e)))
             }
             Err(e) => Err(Error::model(render_error(origin, &e))),
         }
     }
 }
+
+/// Marks the errors of `raise_exception`: the conversation is at fault, not the template.
+#[derive(Debug)]
+struct Raised;
+
+impl std::fmt::Display for Raised {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("raised by the template")
+    }
+}
+
+impl std::error::Error for Raised {}
 
 fn render_error(origin: &str, e: &minijinja::Error) -> String {
     escape_controls(&format!("cannot render {origin}: {}", one_line(e))).into_owned()
@@ -243,6 +254,15 @@ mod tests {
     fn deep_recursion_is_refused() {
         let e = render_err("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}");
         assert!(e.contains("cannot render the chat template"), "{e}");
+    }
+
+    #[test]
+    fn raise_exception_blames_the_conversation() {
+        let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "")
+            .expect("compiles");
+        let e = t.render(&[], true).expect_err("raises");
+        assert_eq!(e.kind(), ErrorKind::Input);
+        assert!(e.to_string().contains("roles must alternate"), "{e}");
     }
 
     #[test]

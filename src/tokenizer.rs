@@ -39,7 +39,10 @@ impl Tokenizer {
     /// Reads (at most [`json::TOKENIZER_LIMIT`] bytes), checks and loads `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let origin = format!("tokenizer {}", path.display());
-        let mut value: Value = json::read(path, json::TOKENIZER_LIMIT)?;
+        let bytes = json::read_limited(path, json::TOKENIZER_LIMIT)?;
+        let mut value: Value = json::parse("JSON", &bytes)
+            .map_err(|e| Error::model(format!("cannot load {origin}: {e}")))?;
+        drop(bytes);
         Self::from_value(&mut value, origin)
     }
 

@@ -10,7 +10,11 @@ use common::{fixture_dir, Expected};
 use std::path::Path;
 
 fn load(dir: &Path) -> Result<Generator> {
-    Generator::from_pretrained(&dir.display().to_string(), "main", &Device::Cpu)
+    Ok(Generator::from_pretrained(
+        &dir.display().to_string(),
+        "main",
+        &Device::Cpu,
+    )?)
 }
 
 fn greedy(max_tokens: usize) -> GenerationParams {
