@@ -419,10 +419,6 @@ mod tests {
         Config::from_json(&v.to_string())
     }
 
-    fn err(v: serde_json::Value) -> String {
-        parse(v).unwrap_err().to_string()
-    }
-
     #[test]
     fn parses_bitnet_defaults() -> Result<()> {
         let cfg = parse(base())?;
