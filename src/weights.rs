@@ -5,7 +5,7 @@
 //! does not match the request (packed codes must be stored as U8, everything else as floats)
 //! or whose shape differs, before any data is converted.
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::escape::escape_controls;
 use crate::json;
 use candle_core::safetensors::MmapedSafetensors;
@@ -209,7 +209,7 @@ pub fn load_model(
     let embed_dtype = crate::model::embedding_dtype(stored, dtype, device);
     let vb = weights.into_var_builder(dtype, device);
     crate::BitnetForCausalLM::new_with_embedding_dtype(cfg, vb, embed_dtype)
-        .map_err(|e| Error::from(e).with_kind(ErrorKind::Model))
+        .map_err(|e| Error::model(without_backtrace(&e)))
 }
 
 /// Loads `config.json` and the weights of a checkpoint directory in the hub layout.

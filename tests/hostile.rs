@@ -257,15 +257,16 @@ fn chat_templates_run_within_limits() -> Result<()> {
 #[test]
 fn input_is_sized_against_the_context_before_tokenizing() -> Result<()> {
     let model = fixture_dir().display().to_string();
-    // One 32 MB line: refused before the tokenizer sees it, then the chat goes on.
+    // One 32 MB line: refused before the tokenizer sees it; a line that is not UTF-8: skipped.
     let mut input = vec![b'a'; 32 << 20];
-    input.extend_from_slice(b"\n");
+    input.extend_from_slice(b"\n\xff\xfe\n");
     let out = Run::new(&["chat", "--model", &model, "--cpu", "--max-tokens", "2"])
         .stdin(input)
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
+    assert_eq!(errors.len(), 2, "{stderr}");
+    assert!(errors[1].contains("not UTF-8"), "{stderr}");
     assert!(
         errors[0].contains("the prompt is 335544") && errors[0].contains("4096 tokens"),
         "{stderr}"

@@ -286,9 +286,9 @@ fn candle_message(e: &candle_core::Error) -> String {
     }
 }
 
-/// The next line of `input` without its newline, `None` at the end; `Some(None)` for a line
-/// longer than [`MAX_CHAT_LINE`], which is skipped without being kept in memory.
-fn read_line(input: &mut impl BufRead) -> Result<Option<Option<String>>> {
+/// The next line of `input` without its newline, `None` at the end; `Some(Err(why))` for a
+/// line that is skipped: longer than [`MAX_CHAT_LINE`] (not kept in memory), or not UTF-8.
+fn read_line(input: &mut impl BufRead) -> Result<Option<Result<String, String>>> {
     let mut bytes = Vec::new();
     let n = (&mut *input)
         .take(MAX_CHAT_LINE)
@@ -298,10 +298,12 @@ fn read_line(input: &mut impl BufRead) -> Result<Option<Option<String>>> {
     }
     if bytes.last() != Some(&b'\n') && n as u64 == MAX_CHAT_LINE {
         input.skip_until(b'\n')?;
-        return Ok(Some(None));
+        return Ok(Some(Err(format!("longer than {MAX_CHAT_LINE} bytes"))));
     }
-    let text = String::from_utf8(bytes).context("the input is not UTF-8 text")?;
-    Ok(Some(Some(text.trim_end_matches(['\n', '\r']).to_string())))
+    Ok(Some(match String::from_utf8(bytes) {
+        Ok(text) => Ok(text.trim_end_matches(['\n', '\r']).to_string()),
+        Err(_) => Err("not UTF-8 text".into()),
+    }))
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
@@ -398,9 +400,12 @@ fn chat(args: ChatArgs) -> Result<()> {
         let Some(line) = read_line(&mut stdin)? else {
             break;
         };
-        let Some(line) = line else {
-            eprintln!("error: the line is longer than {MAX_CHAT_LINE} bytes; it was skipped");
-            continue;
+        let line = match line {
+            Ok(line) => line,
+            Err(why) => {
+                eprintln!("error: the line is {why}; it was skipped");
+                continue;
+            }
         };
         match line.trim() {
             "" => continue,
