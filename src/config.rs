@@ -7,8 +7,12 @@
 //!   (HF1BitLLM/Llama3-8B-1.58, tiiuae/Falcon3-*-1.58bit): SiLU MLP, no sub-norms, usually an
 //!   untied `lm_head`, sometimes an explicit `head_dim`.
 //!
-//! Field names are the `config.json` keys. Anything we cannot run is refused in
-//! [`Config::validate`] with an error naming the field and its value.
+//! Field names are the `config.json` keys. The closed sets (`model_type`, `hidden_act`,
+//! `linear_class`, `quantization_mode`, `quant_method`, `rope_type`) are enums, so an unknown
+//! value is refused while parsing, with the field's path and the value; sizes and everything
+//! else we cannot run are refused in [`Config::validate`], which bounds every size and every
+//! product of sizes that becomes an allocation, so a hostile file cannot exhaust memory or
+//! overflow before the weights are checked.
 
 use crate::error::{Error, Result};
 use crate::json;

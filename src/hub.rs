@@ -88,7 +88,11 @@ impl ModelFiles {
             if p.is_file() {
                 Ok(p)
             } else {
-                fail!(Model, "model directory {} has no {name}", dir.display())
+                fail!(
+                    Model,
+                    "model directory {} has no {name} (or it is not a regular file)",
+                    dir.display()
+                )
             }
         };
         let optional = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
