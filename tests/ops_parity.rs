@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_bitnet::ops::cpu::{bitlinear_with, matmul_bf16, Kernel, QuantizedRows};
+use candle_bitnet::ops::cpu::{bitlinear_with, matmul_bf16, Kernel, QuantizedRows, TernaryTiles};
 use candle_bitnet::ops::{bitlinear, matmul_bf16_weight};
 use candle_bitnet::quant::{bitlinear_reference, pack_ternary};
 use candle_core::{DType, Device, Result, Tensor};
@@ -12,7 +12,8 @@ use common::{random_activations, random_packed};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const IN: [usize; 8] = [1, 3, 63, 64, 65, 127, 130, 2568];
-const OUT: [usize; 5] = [4, 8, 12, 44, 132];
+// Up to five 64-row tiles, so that decode walks 4 tiles at once and then a remainder.
+const OUT: [usize; 7] = [4, 8, 12, 44, 132, 256, 324];
 const ROWS: [usize; 10] = [1, 2, 3, 4, 5, 7, 8, 9, 33, 128];
 
 struct Case {
@@ -53,9 +54,10 @@ fn every_kernel_matches_the_reference_bit_for_bit() -> Result<()> {
                 let case = Case::random(&mut rng, n, k, out)?;
                 let want = bits(&case.reference());
                 let acts = QuantizedRows::new(&case.x, n, k);
+                let tiles = TernaryTiles::from_packed(&case.packed, k, out)?;
                 for &kernel in Kernel::available() {
                     let mut y = vec![f32::NAN; n * out];
-                    bitlinear_with(kernel, &acts, &case.packed, k, out, case.w_div, &mut y)?;
+                    bitlinear_with(kernel, &acts, &tiles, case.w_div, &mut y)?;
                     assert_eq!(bits(&y), want, "{kernel:?} rows {n}, {k} → {out}");
                 }
             }
@@ -93,13 +95,34 @@ fn the_op_matches_the_reference_in_every_dtype() -> Result<()> {
 }
 
 #[test]
-fn bitlinear_with_refuses_mismatched_shapes() {
+fn long_rows_match_the_reference_past_the_accumulator_flush() -> Result<()> {
+    // 70 000 columns: more steps than the AVX-512 kernel sums before undoing the bit-field
+    // scale, and thousands of AVX2 16-bit flushes.
+    let mut rng = StdRng::seed_from_u64(6);
+    let (n, k, out) = (2, 70_000, 64);
+    let case = Case::random(&mut rng, n, k, out)?;
+    let want = bits(&case.reference());
+    let acts = QuantizedRows::new(&case.x, n, k);
+    let tiles = TernaryTiles::from_packed(&case.packed, k, out)?;
+    for &kernel in Kernel::available() {
+        let mut y = vec![f32::NAN; n * out];
+        bitlinear_with(kernel, &acts, &tiles, case.w_div, &mut y)?;
+        assert_eq!(bits(&y), want, "{kernel:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn bitlinear_with_refuses_mismatched_shapes() -> Result<()> {
     let acts = QuantizedRows::new(&[1.0; 6], 2, 3);
+    let tiles = TernaryTiles::from_packed(&[0b01_01_01_01; 3], 3, 4)?;
+    let wide = TernaryTiles::from_packed(&[0b01_01_01_01; 6], 6, 4)?;
     let mut y = vec![0f32; 8];
-    assert!(bitlinear_with(Kernel::Portable, &acts, &[0; 3], 3, 4, 1.0, &mut y).is_ok());
-    assert!(bitlinear_with(Kernel::Portable, &acts, &[0; 4], 3, 4, 1.0, &mut y).is_err());
-    assert!(bitlinear_with(Kernel::Portable, &acts, &[0; 3], 3, 4, 1.0, &mut y[..7]).is_err());
-    assert!(bitlinear_with(Kernel::Portable, &acts, &[0; 6], 6, 4, 1.0, &mut y).is_err());
+    assert!(bitlinear_with(Kernel::Portable, &acts, &tiles, 1.0, &mut y).is_ok());
+    let err = bitlinear_with(Kernel::Portable, &acts, &tiles, 1.0, &mut y[..7]).unwrap_err();
+    assert!(err.to_string().contains("7 outputs"), "{err}");
+    assert!(bitlinear_with(Kernel::Portable, &acts, &wide, 1.0, &mut y).is_err());
+    Ok(())
 }
 
 /// `|got − want| ≤ tol · Σ|x·w|` per element: f32 sums in another order drift by a few ulps of
@@ -199,9 +222,10 @@ fn activation_quantization_edge_rows_match_the_reference() -> Result<()> {
     let packed = pack_ternary(&values, out, k)?;
     let want = bits(&bitlinear_reference(&x, rows.len(), &packed, out, 1.5));
     let acts = QuantizedRows::new(&x, rows.len(), k);
+    let tiles = TernaryTiles::from_packed(&packed, k, out)?;
     for &kernel in Kernel::available() {
         let mut y = vec![f32::NAN; rows.len() * out];
-        bitlinear_with(kernel, &acts, &packed, k, out, 1.5, &mut y)?;
+        bitlinear_with(kernel, &acts, &tiles, 1.5, &mut y)?;
         assert_eq!(bits(&y), want, "{kernel:?}");
     }
     // The tie row really holds ties, and they round to even, not away from zero.

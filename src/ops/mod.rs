@@ -19,6 +19,7 @@ pub use stages::{
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use std::borrow::Cow;
+use std::sync::Arc;
 
 /// Packed ternary weights `[out/4, in]` (U8) times activations `[.., in]` (f32/bf16/f16).
 #[derive(Debug, Clone, Copy)]
@@ -99,19 +100,13 @@ impl CustomOp2 for BitLinearOp {
         let CpuStorage::U8(w) = w else {
             bail!("bitlinear: packed weight must be U8, found {:?}", w.dtype())
         };
-        let w = contiguous(w, w_layout)?;
-        let x_f32 = to_f32(x, x_layout)?;
-        let acts = cpu::QuantizedRows::new(&x_f32, n_rows, self.in_features);
-        let mut y = vec![0f32; n_rows * self.out_features];
-        cpu::bitlinear(
-            &acts,
-            w,
+        let w = cpu::TernaryTiles::from_packed(
+            contiguous(w, w_layout)?,
             self.in_features,
             self.out_features,
-            self.w_div,
-            &mut y,
         )?;
-        Ok((from_f32(y, x.dtype())?, out_shape))
+        let y = cpu::bitlinear_storage(x, x_layout, n_rows, &w, self.w_div)?;
+        Ok((y, out_shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -132,6 +127,8 @@ impl CustomOp2 for BitLinearOp {
 }
 
 /// BitLinear of `x: [.., in]` with packed `weight: [out/4, in]` (U8): `[.., out]` in x's dtype.
+/// The CPU converts the weight to [`cpu::TernaryTiles`] on every call: layers hold the tiles
+/// and call [`bitlinear_tiles`].
 pub fn bitlinear(x: &Tensor, weight: &Tensor, w_div: f32) -> Result<Tensor> {
     let (r, in_features) = weight.dims2()?;
     if weight.dtype() != DType::U8 {
@@ -146,6 +143,15 @@ pub fn bitlinear(x: &Tensor, weight: &Tensor, w_div: f32) -> Result<Tensor> {
         w_div,
     };
     x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
+}
+
+/// BitLinear of a CPU `x: [.., in]` (f32/bf16/f16) with weights in the CPU tile layout:
+/// `[.., out]` in x's dtype.
+pub fn bitlinear_tiles(x: &Tensor, w: &Arc<cpu::TernaryTiles>, w_div: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&cpu::BitLinearTilesOp {
+        w: w.clone(),
+        w_div,
+    })
 }
 
 /// The LM head `x: [.., hidden]` (f32) times `w: [vocab, hidden]` (bf16) transposed:
