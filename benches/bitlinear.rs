@@ -6,12 +6,15 @@
 //! and each kernel line prints its GB/s as a share of it (`% read`) and, under `hot`, the GB/s
 //! with one copy of the weights left in cache (what the kernel computes at, memory aside).
 //! GB/s counts weight bytes only: packed (1/4 byte per weight) for ternary, 4 bytes per weight
-//! for dense f32, 2 for bf16. `ctx/call` counts the context switches of all threads per call of
-//! the op. Threads: rayon's default (all cores) unless RAYON_NUM_THREADS says otherwise.
+//! for dense f32, 2 for bf16. `ctx/call` counts the voluntary context switches (sleeps and
+//! wake-ups, not preemption) of all threads per call of the op. Threads: rayon's default (all
+//! cores) unless RAYON_NUM_THREADS says otherwise.
 //! Arguments narrow the run: row counts (`-- 1 8`) and/or `head`.
 
-use candle_bitnet::ops::cpu::{bitlinear_with, matmul_bf16, Kernel, QuantizedRows, TernaryTiles};
-use candle_bitnet::ops::{bitlinear_tiles, matmul_bf16_weight};
+use candle_bitnet::ops::cpu::{
+    bitlinear_with, matmul_bf16, matmul_int8, Int8Head, Kernel, QuantizedRows, TernaryTiles,
+};
+use candle_bitnet::ops::{bitlinear_tiles, matmul_bf16_weight, matmul_int8_head};
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -96,14 +99,14 @@ fn line(what: &str, secs: f64, weight_bytes: usize, ops: f64, dense_secs: Option
 }
 
 /// A kernel line: cold GB/s, its share of the STREAM read, and GB/s with the weights in cache.
-fn kernel_line(what: &str, cold: f64, hot: f64, bytes: usize, read_gbs: f64) {
+fn kernel_line(what: &str, cold: f64, hot: Option<f64>, bytes: usize, read_gbs: f64) {
     let gbs = |secs: f64| bytes as f64 / secs / 1e9;
+    let hot = hot.map_or(String::new(), |h| format!("{:>9.3} GB/s hot", gbs(h)));
     println!(
-        "  {what:<22} {:>10.3} ms {:>9.3} GB/s {:>6.0}% read {:>9.3} GB/s hot",
+        "  {what:<22} {:>10.3} ms {:>9.3} GB/s {:>6.0}% read {hot}",
         cold * 1e3,
         gbs(cold),
         100.0 * gbs(cold) / read_gbs,
-        gbs(hot),
     );
 }
 
@@ -136,7 +139,7 @@ fn stream_read() -> f64 {
     COLD_BYTES as f64 / best / 1e9
 }
 
-/// Context switches so far, voluntary and not, summed over the threads of this process.
+/// Voluntary context switches so far, summed over the threads of this process.
 fn context_switches() -> u64 {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return 0;
@@ -145,7 +148,7 @@ fn context_switches() -> u64 {
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
         .flat_map(|s| {
             s.lines()
-                .filter(|l| l.contains("ctxt_switches"))
+                .filter(|l| l.starts_with("voluntary_ctxt_switches"))
                 .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
                 .collect::<Vec<_>>()
         })
@@ -200,14 +203,14 @@ fn bench_bitlinear(dev: &Device, rows: &[usize], read_gbs: f64) -> Result<()> {
                 };
                 let cold = median_secs(|i| run(&tiles[i % tiles.len()]))?;
                 let hot = median_secs(|_| run(&tiles0))?;
-                kernel_line(&format!("{kernel:?}"), cold, hot, bytes, read_gbs);
+                kernel_line(&format!("{kernel:?}"), cold, Some(hot), bytes, read_gbs);
             }
         }
     }
     Ok(())
 }
 
-fn bench_head(dev: &Device) -> Result<()> {
+fn bench_head(dev: &Device, read_gbs: f64) -> Result<()> {
     println!("LM head {HIDDEN} → {VOCAB}, 1 row");
     let x_vec = floats(HIDDEN, 9, 2.0);
     let x = Tensor::from_vec(x_vec.clone(), (1, HIDDEN), dev)?;
@@ -244,10 +247,34 @@ fn bench_head(dev: &Device) -> Result<()> {
         Some(dense),
     );
     let w_raw = w_bf16.flatten_all()?.to_vec1::<half::bf16>()?;
+    let int8: Vec<Arc<Int8Head>> = (0..copies(VOCAB * HIDDEN))
+        .map(|_| Int8Head::from_bf16(&w_raw, HIDDEN).map(Arc::new))
+        .collect::<Result<_>>()?;
+    let w_raw: Vec<Vec<half::bf16>> = (0..copies(bf16_bytes)).map(|_| w_raw.clone()).collect();
     let mut y = vec![0f32; VOCAB];
     for &kernel in Kernel::available() {
-        let secs = median_secs(|_| matmul_bf16(kernel, &x_vec, &w_raw, HIDDEN, &mut y))?;
-        line(&format!("{kernel:?}"), secs, bf16_bytes, ops, Some(dense));
+        let secs = median_secs(|i| {
+            let w = &w_raw[i % w_raw.len()];
+            matmul_bf16(kernel, &x_vec, w, HIDDEN, &mut y)
+        })?;
+        kernel_line(&format!("{kernel:?}"), secs, None, bf16_bytes, read_gbs);
+    }
+    drop(w_raw);
+    let int8_bytes = int8[0].bytes();
+    let op = median_secs(|i| {
+        matmul_int8_head(&x, &int8[i % int8.len()])?;
+        Ok(())
+    })?;
+    line("int8 op (opt-in)", op, int8_bytes, ops, Some(dense));
+    for &kernel in Kernel::available() {
+        let secs = median_secs(|i| matmul_int8(kernel, &x_vec, &int8[i % int8.len()], &mut y))?;
+        kernel_line(
+            &format!("int8 {kernel:?}"),
+            secs,
+            None,
+            int8_bytes,
+            read_gbs,
+        );
     }
     Ok(())
 }
@@ -273,7 +300,7 @@ fn main() -> Result<()> {
     }
     bench_bitlinear(&dev, &rows, read_gbs)?;
     if head || args.iter().all(|a| a.starts_with('-')) {
-        bench_head(&dev)?;
+        bench_head(&dev, read_gbs)?;
     }
     Ok(())
 }

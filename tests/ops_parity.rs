@@ -4,8 +4,10 @@
 
 mod common;
 
-use candle_bitnet::ops::cpu::{bitlinear_with, matmul_bf16, Kernel, QuantizedRows, TernaryTiles};
-use candle_bitnet::ops::{bitlinear, matmul_bf16_weight};
+use candle_bitnet::ops::cpu::{
+    bitlinear_with, matmul_bf16, matmul_int8, Int8Head, Kernel, QuantizedRows, TernaryTiles,
+};
+use candle_bitnet::ops::{bitlinear, matmul_bf16_weight, matmul_int8_head};
 use candle_bitnet::quant::{bitlinear_reference, pack_ternary};
 use candle_core::{DType, Device, Result, Tensor};
 use common::{random_activations, random_packed};
@@ -191,6 +193,92 @@ fn head_kernels_match_an_f32_matmul() -> Result<()> {
         assert_head_close(&got, &x, &w_exact, hidden, "op");
         assert_head_close(&candle, &x, &w_exact, hidden, "candle");
     }
+    Ok(())
+}
+
+/// Per-row absmax int8 of `w: [vocab, hidden]`, written out independently of the crate:
+/// `(values, scales)`.
+fn int8_rows_reference(w: &[f32], hidden: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut values = Vec::with_capacity(w.len());
+    let mut scales = Vec::new();
+    for row in w.chunks_exact(hidden) {
+        let absmax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let s = if absmax > 0.0 { 127.0 / absmax } else { 0.0 };
+        values.extend(row.iter().map(|&v| (v * s).round_ties_even() as i8));
+        scales.push(absmax / 127.0);
+    }
+    (values, scales)
+}
+
+#[test]
+fn int8_head_matches_a_pure_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(8);
+    let dev = Device::Cpu;
+    for &(n, vocab, hidden) in &[(1, 300, 2560), (3, 70, 33), (4, 129, 64), (9, 65, 100)] {
+        let x: Vec<f32> = (0..n * hidden)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        // Rows of very different magnitudes, and one all-zero row (scale 0, logits 0).
+        let mut w: Vec<f32> = (0..vocab * hidden)
+            .map(|i| rng.random_range(-0.1..0.1) * (1 + i / hidden % 7) as f32)
+            .collect();
+        w[hidden..2 * hidden].fill(0.0);
+        let head = Int8Head::from_f32(&w, hidden)?;
+        let (values, scales) = int8_rows_reference(&w, hidden);
+        assert_eq!(head.values(), &values[..], "values {vocab}×{hidden}");
+        assert_eq!(
+            bits(head.scales()),
+            bits(&scales),
+            "scales {vocab}×{hidden}"
+        );
+        // Rounding to nearest: each weight moves by at most half a step.
+        for (i, &v) in w.iter().enumerate() {
+            let s = scales[i / hidden];
+            assert!(
+                (values[i] as f32 * s - v).abs() <= 0.5001 * s,
+                "w[{i}] = {v}"
+            );
+        }
+        let dequantized: Vec<f32> = values
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| q as f32 * scales[i / hidden])
+            .collect();
+        for &kernel in Kernel::available() {
+            let mut y = vec![f32::NAN; n * vocab];
+            matmul_int8(kernel, &x, &head, &mut y)?;
+            let what = format!("{kernel:?} {n}×{hidden}→{vocab}");
+            assert_head_close(&y, &x, &dequantized, hidden, &what);
+            assert!(y.iter().skip(1).step_by(vocab).all(|&v| v == 0.0), "{what}");
+        }
+        let head = std::sync::Arc::new(head);
+        let xt = Tensor::from_vec(x.clone(), (1, n, hidden), &dev)?.to_dtype(DType::BF16)?;
+        let got = matmul_int8_head(&xt, &head)?;
+        assert_eq!((got.dims(), got.dtype()), (&[1, n, vocab][..], DType::F32));
+        let x_bf16 = xt.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let got = got.flatten_all()?.to_vec1::<f32>()?;
+        assert_head_close(&got, &x_bf16, &dequantized, hidden, "op");
+    }
+    Ok(())
+}
+
+#[test]
+fn int8_head_refuses_bad_input() -> Result<()> {
+    assert!(Int8Head::from_f32(&[1.0; 5], 2).is_err());
+    assert!(Int8Head::from_f32(&[], 2).is_err());
+    for bad in [f32::INFINITY, f32::NAN] {
+        let err = Int8Head::from_f32(&[1.0, 1.0, 1.0, bad], 2).unwrap_err();
+        assert!(err.to_string().contains("row 1"), "{err}");
+    }
+    let head = std::sync::Arc::new(Int8Head::from_f32(&[1.0; 6], 3)?);
+    let x = Tensor::from_vec(vec![1.0f32; 4], (1, 4), &Device::Cpu)?;
+    let err = matmul_int8_head(&x, &head).unwrap_err();
+    assert!(
+        err.to_string().contains("last dimension must be 3"),
+        "{err}"
+    );
+    let mut y = vec![0f32; 3];
+    assert!(matmul_int8(Kernel::Portable, &[1.0; 3], &head, &mut y).is_err());
     Ok(())
 }
 

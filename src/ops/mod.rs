@@ -11,6 +11,7 @@ pub mod cuda;
 pub mod launch;
 mod stages;
 
+pub use cpu::Int8Head;
 pub use stages::{
     bitlinear_accumulate, bitlinear_with_kernel, dequantize, quantize_activations,
     BitLinearKernelOp, DequantizeOp, GpuKernel, QuantPart, QuantizeOp,
@@ -152,6 +153,13 @@ pub fn bitlinear_tiles(x: &Tensor, w: &Arc<cpu::TernaryTiles>, w_div: f32) -> Re
         w: w.clone(),
         w_div,
     })
+}
+
+/// The LM head through an [`Int8Head`] (opt-in, per-row int8 weights): `x: [.., hidden]`
+/// (f32/bf16/f16) to `[.., vocab]` f32 logits. CPU only.
+pub fn matmul_int8_head(x: &Tensor, head: &Arc<Int8Head>) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op1_no_bwd(&cpu::MatmulInt8Head(head.clone()))
 }
 
 /// The LM head `x: [.., hidden]` (f32) times `w: [vocab, hidden]` (bf16) transposed:

@@ -17,7 +17,7 @@ mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use head::{matmul_bf16, MatmulBf16Weight};
+pub use head::{matmul_bf16, matmul_int8, Int8Head, MatmulBf16Weight, MatmulInt8Head};
 use tiles::BLOCK_BYTES;
 pub use tiles::{TernaryTiles, TILE_ROWS};
 

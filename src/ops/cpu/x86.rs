@@ -5,6 +5,7 @@
 //! so lane `i` of an accumulator is one output row throughout and nothing is reduced across
 //! lanes.
 
+use super::head::{HeadWeight, Task};
 use super::tiles::{BLOCK_BYTES, TILE_ROWS};
 use std::arch::x86_64::*;
 
@@ -245,7 +246,7 @@ unsafe fn avx2<const H: usize, const T: usize>(
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn head_avx2(task: super::head::Task) {
+pub(super) unsafe fn head_avx2<W: HeadWeight>(task: Task<W>) {
     task.run::<2, true>()
 }
 
@@ -254,7 +255,7 @@ pub(super) unsafe fn head_avx2(task: super::head::Task) {
 /// # Safety
 /// The CPU must support AVX-512F and FMA.
 #[target_feature(enable = "avx512f,fma")]
-pub(super) unsafe fn head_avx512(task: super::head::Task) {
+pub(super) unsafe fn head_avx512<W: HeadWeight>(task: Task<W>) {
     task.run::<4, true>()
 }
 
