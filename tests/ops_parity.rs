@@ -5,9 +5,10 @@
 mod common;
 
 use candle_bitnet::ops::cpu::{
-    bitlinear_with, matmul_bf16, matmul_int8, Int8Head, Kernel, QuantizedRows, TernaryTiles,
+    bitlinear_segments_with, bitlinear_with, matmul_bf16, matmul_int8, Int8Head, Kernel,
+    QuantizedRows, TernaryTiles,
 };
-use candle_bitnet::ops::{bitlinear, matmul_bf16_weight, matmul_int8_head};
+use candle_bitnet::ops::{bitlinear, bitlinear_segments, matmul_bf16_weight, matmul_int8_head};
 use candle_bitnet::quant::{bitlinear_reference, pack_ternary};
 use candle_core::{DType, Device, Result, Tensor};
 use common::{random_activations, random_packed};
@@ -110,6 +111,51 @@ fn long_rows_match_the_reference_past_the_accumulator_flush() -> Result<()> {
         let mut y = vec![f32::NAN; n * out];
         bitlinear_with(kernel, &acts, &tiles, case.w_div, &mut y)?;
         assert_eq!(bits(&y), want, "{kernel:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn segments_share_one_quantization_and_match_each_reference() -> Result<()> {
+    // Like q, k, v: one input, projections of different widths (not all multiples of a tile)
+    // and scales, each matching its own reference bit for bit, side by side.
+    let mut rng = StdRng::seed_from_u64(9);
+    let dev = Device::Cpu;
+    for &(n, k) in &[(1, 2568), (2, 130), (3, 65), (5, 64), (9, 3)] {
+        let outs = [132, 44, 64, 8];
+        let x = random_activations(&mut rng, n, k);
+        let packed: Vec<Vec<u8>> = outs
+            .iter()
+            .map(|&out| random_packed(&mut rng, out, k))
+            .collect::<Result<_>>()?;
+        let w_divs: Vec<f32> = outs.iter().map(|_| rng.random_range(0.5..4.0)).collect();
+        let refs: Vec<Vec<f32>> = (0..outs.len())
+            .map(|s| bitlinear_reference(&x, n, &packed[s], outs[s], w_divs[s]))
+            .collect();
+        let total: usize = outs.iter().sum();
+        let want: Vec<f32> = (0..n)
+            .flat_map(|t| {
+                refs.iter()
+                    .zip(outs)
+                    .flat_map(move |(r, out)| r[t * out..(t + 1) * out].to_vec())
+            })
+            .collect();
+        let parts: Vec<(&[u8], usize)> = packed.iter().map(|p| &p[..]).zip(outs).collect();
+        let tiles = TernaryTiles::from_segments(&parts, k)?;
+        assert_eq!((tiles.out_features(), tiles.segments()), (total, &outs[..]));
+        let acts = QuantizedRows::new(&x, n, k);
+        for &kernel in Kernel::available() {
+            let mut y = vec![f32::NAN; n * total];
+            bitlinear_segments_with(kernel, &acts, &tiles, &w_divs, &mut y)?;
+            assert_eq!(bits(&y), bits(&want), "{kernel:?} rows {n}, {k} → {outs:?}");
+        }
+        let tiles = std::sync::Arc::new(tiles);
+        let xt = Tensor::from_vec(x.clone(), (n, k), &dev)?;
+        let got = bitlinear_segments(&xt, &tiles, &w_divs)?;
+        assert_eq!(got.dims(), &[n, total]);
+        assert_eq!(bits(&got.flatten_all()?.to_vec1()?), bits(&want), "op");
+        let err = bitlinear_segments(&xt, &tiles, &w_divs[1..]).unwrap_err();
+        assert!(err.to_string().contains("3 weight scales for 4"), "{err}");
     }
     Ok(())
 }

@@ -106,7 +106,7 @@ impl CustomOp2 for BitLinearOp {
             self.in_features,
             self.out_features,
         )?;
-        let y = cpu::bitlinear_storage(x, x_layout, n_rows, &w, self.w_div)?;
+        let y = cpu::bitlinear_storage(x, x_layout, n_rows, &w, &[self.w_div])?;
         Ok((y, out_shape))
     }
 
@@ -149,9 +149,20 @@ pub fn bitlinear(x: &Tensor, weight: &Tensor, w_div: f32) -> Result<Tensor> {
 /// BitLinear of a CPU `x: [.., in]` (f32/bf16/f16) with weights in the CPU tile layout:
 /// `[.., out]` in x's dtype.
 pub fn bitlinear_tiles(x: &Tensor, w: &Arc<cpu::TernaryTiles>, w_div: f32) -> Result<Tensor> {
+    bitlinear_segments(x, w, &[w_div])
+}
+
+/// Several projections of the same CPU `x: [.., in]` in one op, weights from
+/// [`cpu::TernaryTiles::from_segments`], one `w_div` each: `x` is quantized once, and the
+/// outputs come side by side, `[.., Σ out]` in x's dtype (split them with `narrow`).
+pub fn bitlinear_segments(
+    x: &Tensor,
+    w: &Arc<cpu::TernaryTiles>,
+    w_divs: &[f32],
+) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&cpu::BitLinearTilesOp {
         w: w.clone(),
-        w_div,
+        w_divs: w_divs.to_vec(),
     })
 }
 

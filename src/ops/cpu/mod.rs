@@ -1,14 +1,17 @@
-//! CPU kernels: BitLinear on packed ternary codes and the bf16-weight LM head.
+//! CPU kernels: BitLinear on ternary row tiles, and the LM head on bf16 or (opt-in) int8 weights.
 //!
 //! BitLinear quantizes each token to int8 (exactly as [`crate::quant::quantize_activations`]),
-//! then takes exact i32 dot products with the packed 2-bit codes read in place (layout in
-//! [`crate::quant`]). The codes are unsigned (value + 1), so each dot product is
-//! `Σ code·x_q − Σ x_q`: unsigned×signed byte products are what VNNI (`vpdpbusd`) and AVX2
-//! (`vpmaddubsw`) multiply natively. One packed row yields four output features, so each 64-byte
-//! chunk of codes is split into four planes (shift + mask) that all meet the same activations.
+//! then takes exact i32 dot products with the 2-bit codes of [`TernaryTiles`], the layout the
+//! kernels want, converted once from the canonical one of [`crate::quant`]. The codes are
+//! unsigned (value + 1), so each dot product is `Σ code·x_q − Σ x_q`: unsigned×signed byte
+//! products are what VNNI (`vpdpbusd`) and AVX2 (`vpmaddubsw`) multiply natively. In a tile each
+//! i32 lane is one output row, so a kernel streams codes against broadcast activations and
+//! never reduces across lanes; decode streams four tiles at once (16 accumulators, prefetch).
 //!
-//! Work is a grid of (token block × packed-row block) tasks over rayon: decode (one token) splits
-//! the rows alone, prefill reuses each decoded chunk across four tokens held in registers.
+//! Work is a grid of (token block × tile block) tasks over rayon; a projection too small to pay
+//! for waking the pool runs on the calling thread. Waking costs most when the caller is not a
+//! rayon worker: it sleeps on every op (~4 voluntary context switches per call); running the
+//! whole decode step inside the pool (`rayon::scope`) keeps the workers awake between ops.
 //! The kernel is picked once per process ([`Kernel::best`]); [`bitlinear_with`] forces one, so
 //! the tests cover every variant the CPU can run.
 
@@ -207,8 +210,9 @@ fn quantize_row_body(x: &[f32], q: &mut [i8]) -> (f32, i32) {
 #[derive(Debug, Clone)]
 pub struct BitLinearTilesOp {
     pub w: Arc<TernaryTiles>,
-    /// Divisor of the i32 accumulator besides the activation scale (see [`crate::quant`]).
-    pub w_div: f32,
+    /// Per segment of `w`, the divisor of the i32 accumulator besides the activation scale
+    /// (see [`crate::quant`]).
+    pub w_divs: Vec<f32>,
 }
 
 impl CustomOp1 for BitLinearTilesOp {
@@ -227,7 +231,7 @@ impl CustomOp1 for BitLinearTilesOp {
             *last = self.w.out_features();
         }
         let n_rows = layout.shape().elem_count() / k;
-        let y = bitlinear_storage(x, layout, n_rows, &self.w, self.w_div)?;
+        let y = bitlinear_storage(x, layout, n_rows, &self.w, &self.w_divs)?;
         Ok((y, Shape::from(out)))
     }
 }
@@ -239,12 +243,12 @@ pub(super) fn bitlinear_storage(
     layout: &Layout,
     n_rows: usize,
     w: &TernaryTiles,
-    w_div: f32,
+    w_divs: &[f32],
 ) -> Result<CpuStorage> {
     let x_f32 = super::to_f32(x, layout)?;
     let acts = QuantizedRows::new(&x_f32, n_rows, w.in_features());
     let mut y = vec![0f32; n_rows * w.out_features()];
-    bitlinear(&acts, w, w_div, &mut y)?;
+    bitlinear_segments(&acts, w, w_divs, &mut y)?;
     super::from_f32(y, x.dtype())
 }
 
@@ -262,6 +266,29 @@ pub fn bitlinear_with(
     w_div: f32,
     y: &mut [f32],
 ) -> Result<()> {
+    bitlinear_segments_with(kernel, acts, w, std::slice::from_ref(&w_div), y)
+}
+
+/// BitLinear through tiles of several projections ([`TernaryTiles::from_segments`]), one
+/// `w_div` each, with the best kernel: one quantization of `acts` and one parallel pass for
+/// all of them. `y` is `[n_rows, Σ out]`, segments side by side.
+pub fn bitlinear_segments(
+    acts: &QuantizedRows,
+    w: &TernaryTiles,
+    w_divs: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    bitlinear_segments_with(Kernel::best(), acts, w, w_divs, y)
+}
+
+/// [`bitlinear_segments`] with a chosen kernel.
+pub fn bitlinear_segments_with(
+    kernel: Kernel,
+    acts: &QuantizedRows,
+    w: &TernaryTiles,
+    w_divs: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
     if !kernel.is_available() {
         bail!("bitlinear: kernel {kernel:?} is not supported by this CPU")
     }
@@ -274,6 +301,13 @@ pub fn bitlinear_with(
             w.in_features()
         )
     }
+    if w_divs.len() != w.segments().len() {
+        bail!(
+            "bitlinear: {} weight scales for {} projections",
+            w_divs.len(),
+            w.segments().len()
+        )
+    }
     if n_rows == 0 {
         return Ok(());
     }
@@ -283,8 +317,8 @@ pub fn bitlinear_with(
         let (tokens, tiles) = grid.task(task);
         let store = |t: usize, tile: usize, dots: &[i32; TILE_ROWS]| {
             let (s, sum) = (acts.scales[t], acts.sums[t]);
-            let o0 = tile * TILE_ROWS;
-            let len = TILE_ROWS.min(out - o0);
+            let (segment, o0, len) = w.tile_output(tile);
+            let w_div = w_divs[segment];
             // SAFETY: t < n_rows and o0 + len ≤ out, so the range is inside `y`; tasks own
             // disjoint (token, tile) ranges, so no two threads write the same element, and
             // `y` outlives the parallel loop.

@@ -26,19 +26,24 @@ pub const BLOCK_BYTES: usize = 64;
 #[repr(C, align(64))]
 struct Block([u8; BLOCK_BYTES]);
 
-/// Ternary weights `[out, in]` as row tiles (layout in the module docs).
+/// Ternary weights `[out, in]` as row tiles (layout in the module docs). Several projections
+/// of the same input may share one ([`TernaryTiles::from_segments`]): each segment starts on
+/// a tile of its own, and their outputs sit side by side, `[.., Σ out]`.
 pub struct TernaryTiles {
     blocks: Vec<Block>,
     in_features: usize,
-    out_features: usize,
+    /// Output rows of each segment, in order.
+    segments: Vec<usize>,
+    /// Per tile: its segment, the output column of its row 0, and its rows in use.
+    tile_outputs: Vec<(usize, usize, usize)>,
     /// Blocks per tile: `⌈in / 4⌉`.
     steps: usize,
 }
 
 impl std::fmt::Debug for TernaryTiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (out, inp) = (self.out_features, self.in_features);
-        write!(f, "TernaryTiles([{out}, {inp}], {} tiles)", self.tiles())
+        let (out, inp) = (&self.segments, self.in_features);
+        write!(f, "TernaryTiles({out:?} × {inp}, {} tiles)", self.tiles())
     }
 }
 
@@ -49,41 +54,32 @@ impl TernaryTiles {
     /// Converts canonical packed codes (`[out/4, in]`, [`crate::quant`]). Refuses the code 3,
     /// which no packer writes: the kernels rely on codes ≤ 2 to keep 16-bit sums in range.
     pub fn from_packed(packed: &[u8], in_features: usize, out_features: usize) -> Result<Self> {
-        crate::quant::check_packable(out_features)?;
-        let r = out_features / 4;
-        if in_features == 0 || packed.len() != r * in_features {
-            bail!("ternary tiles: {} packed bytes for a [{out_features}, {in_features}] weight, expected {}",
-                packed.len(), r * in_features)
+        Self::from_segments(&[(packed, out_features)], in_features)
+    }
+
+    /// Converts several projections of the same input, `(packed [out/4, in], out)` each, into
+    /// one set of tiles (q, k and v, say): one pass over the activations serves them all.
+    pub fn from_segments(parts: &[(&[u8], usize)], in_features: usize) -> Result<Self> {
+        if parts.is_empty() {
+            bail!("ternary tiles: no projections")
         }
-        if let Some(i) = packed.iter().position(|&b| b & (b >> 1) & 0x55 != 0) {
-            bail!(
-                "ternary tiles: packed byte {i} holds the invalid ternary code 3 (0x{:02x})",
-                packed[i]
-            )
+        let mut blocks = Vec::new();
+        let mut tile_outputs = Vec::new();
+        let mut col = 0;
+        for (segment, &(packed, out)) in parts.iter().enumerate() {
+            blocks.extend(convert(packed, in_features, out)?);
+            for t in 0..out.div_ceil(TILE_ROWS) {
+                let rows = TILE_ROWS.min(out - t * TILE_ROWS);
+                tile_outputs.push((segment, col + t * TILE_ROWS, rows));
+            }
+            col += out;
         }
-        let steps = in_features.div_ceil(4);
-        let tiles = out_features.div_ceil(TILE_ROWS);
-        let mut blocks = vec![Block([ZERO_CODES; BLOCK_BYTES]); tiles * steps];
-        blocks
-            .par_chunks_mut(steps)
-            .enumerate()
-            .for_each(|(tile, tile_blocks)| {
-                let rows = tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(out_features);
-                for row in rows {
-                    let (p, i) = (row % TILE_ROWS / 16, row % 16);
-                    let (j, field) = (row % r, 2 * (row / r));
-                    let codes = &packed[j * in_features..(j + 1) * in_features];
-                    for (c, &byte) in codes.iter().enumerate() {
-                        let b = &mut tile_blocks[c / 4].0[4 * i + c % 4];
-                        *b = (*b & !(3 << (2 * p))) | (((byte >> field) & 3) << (2 * p));
-                    }
-                }
-            });
         Ok(Self {
             blocks,
             in_features,
-            out_features,
-            steps,
+            segments: parts.iter().map(|p| p.1).collect(),
+            tile_outputs,
+            steps: in_features.div_ceil(4),
         })
     }
 
@@ -91,8 +87,19 @@ impl TernaryTiles {
         self.in_features
     }
 
+    /// Output rows of all segments together.
     pub fn out_features(&self) -> usize {
-        self.out_features
+        self.segments.iter().sum()
+    }
+
+    /// Output rows of each segment.
+    pub fn segments(&self) -> &[usize] {
+        &self.segments
+    }
+
+    /// Tile `tile`'s segment, the output column of its row 0, and how many of its rows exist.
+    pub(super) fn tile_output(&self, tile: usize) -> (usize, usize, usize) {
+        self.tile_outputs[tile]
     }
 
     pub fn tiles(&self) -> usize {
@@ -116,6 +123,42 @@ impl TernaryTiles {
         // is the same memory as `64 · len` bytes, and it lives as long as `self`.
         unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), blocks.len() * BLOCK_BYTES) }
     }
+}
+
+/// The tiles of one projection, from canonical packed codes `[out/4, in]`: the one place the
+/// layout changes.
+fn convert(packed: &[u8], in_features: usize, out_features: usize) -> Result<Vec<Block>> {
+    crate::quant::check_packable(out_features)?;
+    let r = out_features / 4;
+    if in_features == 0 || packed.len() != r * in_features {
+        bail!("ternary tiles: {} packed bytes for a [{out_features}, {in_features}] weight, expected {}",
+            packed.len(), r * in_features)
+    }
+    if let Some(i) = packed.iter().position(|&b| b & (b >> 1) & 0x55 != 0) {
+        bail!(
+            "ternary tiles: packed byte {i} holds the invalid ternary code 3 (0x{:02x})",
+            packed[i]
+        )
+    }
+    let steps = in_features.div_ceil(4);
+    let tiles = out_features.div_ceil(TILE_ROWS);
+    let mut blocks = vec![Block([ZERO_CODES; BLOCK_BYTES]); tiles * steps];
+    blocks
+        .par_chunks_mut(steps)
+        .enumerate()
+        .for_each(|(tile, tile_blocks)| {
+            let rows = tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(out_features);
+            for row in rows {
+                let (p, i) = (row % TILE_ROWS / 16, row % 16);
+                let (j, field) = (row % r, 2 * (row / r));
+                let codes = &packed[j * in_features..(j + 1) * in_features];
+                for (c, &byte) in codes.iter().enumerate() {
+                    let b = &mut tile_blocks[c / 4].0[4 * i + c % 4];
+                    *b = (*b & !(3 << (2 * p))) | (((byte >> field) & 3) << (2 * p));
+                }
+            }
+        });
+    Ok(blocks)
 }
 
 /// Raw `Σ_c code(W[64·tile + o, c]) · x[c]` for the 64 rows `o` of one tile (`[steps · 64]`
