@@ -8,7 +8,9 @@ use candle_bitnet::ops::cpu::{
     bitlinear_segments_with, bitlinear_with, matmul_bf16, matmul_int8, Int8Head, Kernel,
     QuantizedRows, TernaryTiles,
 };
-use candle_bitnet::ops::{bitlinear, bitlinear_segments, matmul_bf16_weight, matmul_int8_head};
+use candle_bitnet::ops::{
+    bitlinear, bitlinear_segments, matmul_bf16_weight, matmul_int8_head, rms_norm_bitlinear,
+};
 use candle_bitnet::quant::{bitlinear_reference, pack_ternary};
 use candle_core::{DType, Device, Result, Tensor};
 use common::{random_activations, random_packed};
@@ -157,6 +159,49 @@ fn segments_share_one_quantization_and_match_each_reference() -> Result<()> {
         let err = bitlinear_segments(&xt, &tiles, &w_divs[1..]).unwrap_err();
         assert!(err.to_string().contains("3 weight scales for 4"), "{err}");
     }
+    Ok(())
+}
+
+#[test]
+fn rms_norm_fused_with_quantization_matches_the_norm_then_bitlinear() -> Result<()> {
+    use candle_core::Module;
+    let mut rng = StdRng::seed_from_u64(10);
+    let dev = Device::Cpu;
+    for &(n, k) in &[(1, 2560), (3, 130), (9, 65)] {
+        let outs = [64, 132];
+        let x = Tensor::from_vec(random_activations(&mut rng, n, k), (1, n, k), &dev)?;
+        let gamma: Vec<f32> = (0..k).map(|_| rng.random_range(0.2..3.0)).collect();
+        let gamma = Tensor::from_vec(gamma, k, &dev)?;
+        let vb = candle_nn::VarBuilder::from_tensors(
+            [("weight".to_string(), gamma.clone())].into(),
+            DType::F32,
+            &dev,
+        );
+        let norm = candle_bitnet::norm::RmsNorm::new(k, 1e-5, vb)?;
+        let packed: Vec<Vec<u8>> = outs
+            .iter()
+            .map(|&out| random_packed(&mut rng, out, k))
+            .collect::<Result<_>>()?;
+        let parts: Vec<(&[u8], usize)> = packed.iter().map(|p| &p[..]).zip(outs).collect();
+        let tiles = std::sync::Arc::new(TernaryTiles::from_segments(&parts, k)?);
+        let w_divs = [1.5, 0.75];
+        let want = bitlinear_segments(&norm.forward(&x)?, &tiles, &w_divs)?;
+        let got = rms_norm_bitlinear(&x, &gamma, 1e-5, &tiles, &w_divs)?;
+        assert_eq!(got.dims(), want.dims());
+        let (got, want) = (
+            got.flatten_all()?.to_vec1()?,
+            want.flatten_all()?.to_vec1()?,
+        );
+        assert_eq!(bits(&got), bits(&want), "rows {n}, {k}");
+    }
+    let x = Tensor::zeros((2, 64), DType::F32, &dev)?;
+    let tiles = std::sync::Arc::new(TernaryTiles::from_packed(&[0b01_01_01_01; 64], 64, 4)?);
+    let short = Tensor::ones(32, DType::F32, &dev)?;
+    assert!(rms_norm_bitlinear(&x, &short, 1e-5, &tiles, &[1.0]).is_err());
+    let bf16 = x.to_dtype(DType::BF16)?;
+    let ones = Tensor::ones(64, DType::F32, &dev)?;
+    let err = rms_norm_bitlinear(&bf16, &ones, 1e-5, &tiles, &[1.0]).unwrap_err();
+    assert!(err.to_string().contains("needs f32"), "{err}");
     Ok(())
 }
 

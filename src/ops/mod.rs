@@ -166,6 +166,25 @@ pub fn bitlinear_segments(
     })
 }
 
+/// RMSNorm of a CPU f32 `x: [.., in]` by `norm_weight: [in]` (f32), fused with the int8
+/// quantization of [`bitlinear_segments`]: bit for bit the same as [`crate::norm::RmsNorm`]
+/// followed by it, without the normalized tensor.
+pub fn rms_norm_bitlinear(
+    x: &Tensor,
+    norm_weight: &Tensor,
+    eps: f64,
+    w: &Arc<cpu::TernaryTiles>,
+    w_divs: &[f32],
+) -> Result<Tensor> {
+    let op = cpu::RmsNormBitLinearOp {
+        eps: eps as f32,
+        w: w.clone(),
+        w_divs: w_divs.to_vec(),
+    };
+    x.contiguous()?
+        .apply_op2_no_bwd(&norm_weight.contiguous()?, &op)
+}
+
 /// The LM head through an [`Int8Head`] (opt-in, per-row int8 weights): `x: [.., hidden]`
 /// (f32/bf16/f16) to `[.., vocab]` f32 logits. CPU only.
 pub fn matmul_int8_head(x: &Tensor, head: &Arc<Int8Head>) -> Result<Tensor> {

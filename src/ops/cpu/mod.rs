@@ -26,7 +26,7 @@ pub use tiles::{TernaryTiles, TILE_ROWS};
 
 use crate::quant::{dequantize_accumulator, ACT_ABSMAX_EPS};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
 use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
@@ -137,12 +137,40 @@ const PAR_QUANTIZE_ROWS: usize = 8;
 impl QuantizedRows {
     /// Quantizes `x`: `[n_rows, in_features]` f32.
     pub fn new(x: &[f32], n_rows: usize, in_features: usize) -> Self {
+        Self::build(x, n_rows, in_features, quantize_row)
+    }
+
+    /// RMSNorm by `norm_weight` (`[in_features]`, the f32 arithmetic of [`crate::norm`]),
+    /// then quantization, row by row: the same int8 values and scales as quantizing the
+    /// normalized tensor, without it.
+    pub fn from_rms_norm(x: &[f32], n_rows: usize, norm_weight: &[f32], eps: f32) -> Result<Self> {
+        let in_features = norm_weight.len();
+        if in_features == 0 || x.len() != n_rows * in_features {
+            bail!(
+                "rms_norm + quantize: {} inputs for {n_rows} rows of {in_features}",
+                x.len()
+            )
+        }
+        Ok(Self::build(x, n_rows, in_features, |row, q| {
+            let mut normed = vec![0f32; row.len()];
+            crate::norm::rms_norm_row(row, norm_weight, eps, &mut normed);
+            quantize_row(&normed, q)
+        }))
+    }
+
+    /// Runs `quantize(row, q)` on each row, in parallel for large batches.
+    fn build(
+        x: &[f32],
+        n_rows: usize,
+        in_features: usize,
+        quantize: impl Fn(&[f32], &mut [i8]) -> (f32, i32) + Sync,
+    ) -> Self {
         let k_padded = in_features.next_multiple_of(K_ALIGN);
         let mut values = vec![0i8; n_rows * k_padded];
         let mut scales = vec![0f32; n_rows];
         let mut sums = vec![0i32; n_rows];
         let quantize = |((row, q), (s, sum)): (QuantizeIo, (&mut f32, &mut i32))| {
-            (*s, *sum) = quantize_row(row, &mut q[..in_features]);
+            (*s, *sum) = quantize(row, &mut q[..in_features]);
         };
         let rows = x.chunks_exact(in_features.max(1)).take(n_rows);
         if n_rows >= PAR_QUANTIZE_ROWS {
@@ -233,6 +261,59 @@ impl CustomOp1 for BitLinearTilesOp {
         let n_rows = layout.shape().elem_count() / k;
         let y = bitlinear_storage(x, layout, n_rows, &self.w, &self.w_divs)?;
         Ok((y, Shape::from(out)))
+    }
+}
+
+/// RMSNorm (f32, weight `[in]`) fused with BitLinear through tiles: `x: [.., in]` f32 to
+/// `[.., Σ out]` f32, the same bits as the norm followed by [`BitLinearTilesOp`].
+#[derive(Debug, Clone)]
+pub struct RmsNormBitLinearOp {
+    pub eps: f32,
+    pub w: Arc<TernaryTiles>,
+    /// Per segment of `w` (see [`BitLinearTilesOp`]).
+    pub w_divs: Vec<f32>,
+}
+
+impl CustomOp2 for RmsNormBitLinearOp {
+    fn name(&self) -> &'static str {
+        "rms-norm-bitlinear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        layout: &Layout,
+        norm_weight: &CpuStorage,
+        norm_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(nw)) = (x, norm_weight) else {
+            bail!(
+                "rms-norm-bitlinear: needs f32 input and norm weight, found {:?} and {:?}",
+                x.dtype(),
+                norm_weight.dtype()
+            )
+        };
+        let k = self.w.in_features();
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&k) || norm_layout.shape().elem_count() != k {
+            bail!(
+                "rms-norm-bitlinear: input shape {dims:?} and norm weight {:?} for {k} features",
+                norm_layout.shape().dims()
+            )
+        }
+        let (x, nw) = (
+            super::contiguous(x, layout)?,
+            super::contiguous(nw, norm_layout)?,
+        );
+        let n_rows = x.len() / k;
+        let acts = QuantizedRows::from_rms_norm(x, n_rows, nw, self.eps)?;
+        let mut y = vec![0f32; n_rows * self.w.out_features()];
+        bitlinear_segments(&acts, &self.w, &self.w_divs, &mut y)?;
+        let mut out = dims.to_vec();
+        if let Some(last) = out.last_mut() {
+            *last = self.w.out_features();
+        }
+        Ok((CpuStorage::F32(y), Shape::from(out)))
     }
 }
 
