@@ -2,9 +2,9 @@
 //! candle's dense f32 matmul on the same shapes, and the bf16 LM head beside candle's f32 matmul.
 //!
 //! Weights rotate through copies larger than the last-level cache, so decode (1 row) reads DRAM
-//! as it does in a model; the run starts with a STREAM-like parallel read of a buffer as large,
-//! and each kernel line prints its GB/s as a share of it (`% read`) and, under `hot`, the GB/s
-//! with one copy of the weights left in cache (what the kernel computes at, memory aside).
+//! as it does in a model; each shape starts with a STREAM-like parallel read of a buffer as
+//! large, and each kernel line prints its GB/s as a share of it (`% read`) and, under `hot`, the
+//! GB/s with one copy of the weights left in cache (what the kernel computes at, memory aside).
 //! GB/s counts weight bytes only: packed (1/4 byte per weight) for ternary, 4 bytes per weight
 //! for dense f32, 2 for bf16. `ctx/call` counts the voluntary context switches (sleeps and
 //! wake-ups, not preemption) of all threads per call of the op. Threads: rayon's default (all
@@ -98,45 +98,58 @@ fn line(what: &str, secs: f64, weight_bytes: usize, ops: f64, dense_secs: Option
     );
 }
 
-/// A kernel line: cold GB/s, its share of the STREAM read, and GB/s with the weights in cache.
-fn kernel_line(what: &str, cold: f64, hot: Option<f64>, bytes: usize, read_gbs: f64) {
+/// A kernel line: cold GB/s, its share of a STREAM-like read measured right after it, and
+/// GB/s with the weights in cache.
+fn kernel_line(what: &str, cold: f64, hot: Option<f64>, bytes: usize, stream: &StreamRead) {
+    let read = stream.gbs();
     let gbs = |secs: f64| bytes as f64 / secs / 1e9;
     let hot = hot.map_or(String::new(), |h| format!("{:>9.3} GB/s hot", gbs(h)));
     println!(
-        "  {what:<22} {:>10.3} ms {:>9.3} GB/s {:>6.0}% read {hot}",
+        "  {what:<22} {:>10.3} ms {:>9.3} GB/s {:>5.0}% of {read:>5.2} read {hot}",
         cold * 1e3,
         gbs(cold),
-        100.0 * gbs(cold) / read_gbs,
+        100.0 * gbs(cold) / read,
     );
 }
 
-/// STREAM's "read" kernel: a parallel sum over `COLD_BYTES`, best of a few passes, in GB/s.
-fn stream_read() -> f64 {
-    let buf: Vec<u64> = (0..COLD_BYTES / 8)
-        .into_par_iter()
-        .map(|i| i as u64)
-        .collect();
-    let chunk = buf.len().div_ceil(4 * rayon::current_num_threads());
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t = Instant::now();
-        let sum: u64 = buf
-            .par_chunks(chunk)
-            .map(|c| {
-                // Eight independent sums, so the adds vectorize and never wait on each other.
-                let mut acc = [0u64; 8];
-                for c in c.chunks_exact(8) {
-                    for (a, &v) in acc.iter_mut().zip(c) {
-                        *a = a.wrapping_add(v);
-                    }
-                }
-                acc.iter().fold(0u64, |s, &a| s.wrapping_add(a))
-            })
-            .reduce(|| 0, u64::wrapping_add);
-        best = best.min(t.elapsed().as_secs_f64());
-        std::hint::black_box(sum);
+/// STREAM's "read" kernel (one sequential stream per thread) over `COLD_BYTES`.
+struct StreamRead(Vec<u64>);
+
+impl StreamRead {
+    fn new() -> Self {
+        Self(
+            (0..COLD_BYTES / 8)
+                .into_par_iter()
+                .map(|i| i as u64)
+                .collect(),
+        )
     }
-    COLD_BYTES as f64 / best / 1e9
+
+    /// A parallel sum over the buffer, best of a few passes, in GB/s.
+    fn gbs(&self) -> f64 {
+        let chunk = self.0.len().div_ceil(4 * rayon::current_num_threads());
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let sum: u64 = self
+                .0
+                .par_chunks(chunk)
+                .map(|c| {
+                    // Eight independent sums, so the adds vectorize and never wait on each other.
+                    let mut acc = [0u64; 8];
+                    for c in c.chunks_exact(8) {
+                        for (a, &v) in acc.iter_mut().zip(c) {
+                            *a = a.wrapping_add(v);
+                        }
+                    }
+                    acc.iter().fold(0u64, |s, &a| s.wrapping_add(a))
+                })
+                .reduce(|| 0, u64::wrapping_add);
+            best = best.min(t.elapsed().as_secs_f64());
+            std::hint::black_box(sum);
+        }
+        COLD_BYTES as f64 / best / 1e9
+    }
 }
 
 /// Voluntary context switches so far, summed over the threads of this process.
@@ -155,7 +168,7 @@ fn context_switches() -> u64 {
         .sum()
 }
 
-fn bench_bitlinear(dev: &Device, rows: &[usize], read_gbs: f64) -> Result<()> {
+fn bench_bitlinear(dev: &Device, rows: &[usize], stream: &StreamRead) -> Result<()> {
     for &(k, out, what) in &SHAPES {
         let packed = packed_codes(out / 4 * k, out as u64 + k as u64);
         let tiles0 = TernaryTiles::from_packed(&packed, k, out)?;
@@ -203,14 +216,14 @@ fn bench_bitlinear(dev: &Device, rows: &[usize], read_gbs: f64) -> Result<()> {
                 };
                 let cold = median_secs(|i| run(&tiles[i % tiles.len()]))?;
                 let hot = median_secs(|_| run(&tiles0))?;
-                kernel_line(&format!("{kernel:?}"), cold, Some(hot), bytes, read_gbs);
+                kernel_line(&format!("{kernel:?}"), cold, Some(hot), bytes, stream);
             }
         }
     }
     Ok(())
 }
 
-fn bench_head(dev: &Device, read_gbs: f64) -> Result<()> {
+fn bench_head(dev: &Device, stream: &StreamRead) -> Result<()> {
     println!("LM head {HIDDEN} → {VOCAB}, 1 row");
     let x_vec = floats(HIDDEN, 9, 2.0);
     let x = Tensor::from_vec(x_vec.clone(), (1, HIDDEN), dev)?;
@@ -257,7 +270,7 @@ fn bench_head(dev: &Device, read_gbs: f64) -> Result<()> {
             let w = &w_raw[i % w_raw.len()];
             matmul_bf16(kernel, &x_vec, w, HIDDEN, &mut y)
         })?;
-        kernel_line(&format!("{kernel:?}"), secs, None, bf16_bytes, read_gbs);
+        kernel_line(&format!("{kernel:?}"), secs, None, bf16_bytes, stream);
     }
     drop(w_raw);
     let int8_bytes = int8[0].bytes();
@@ -268,13 +281,7 @@ fn bench_head(dev: &Device, read_gbs: f64) -> Result<()> {
     line("int8 op (opt-in)", op, int8_bytes, ops, Some(dense));
     for &kernel in Kernel::available() {
         let secs = median_secs(|i| matmul_int8(kernel, &x_vec, &int8[i % int8.len()], &mut y))?;
-        kernel_line(
-            &format!("int8 {kernel:?}"),
-            secs,
-            None,
-            int8_bytes,
-            read_gbs,
-        );
+        kernel_line(&format!("int8 {kernel:?}"), secs, None, int8_bytes, stream);
     }
     Ok(())
 }
@@ -287,10 +294,11 @@ fn main() -> Result<()> {
         rayon::current_num_threads(),
         Kernel::available()
     );
-    let read_gbs = stream_read();
+    let stream = StreamRead::new();
     println!(
-        "STREAM-like read, {} MiB: {read_gbs:.2} GB/s",
-        COLD_BYTES >> 20
+        "STREAM-like read, {} MiB: {:.2} GB/s (again after each kernel line)",
+        COLD_BYTES >> 20,
+        stream.gbs()
     );
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut rows: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
@@ -298,9 +306,9 @@ fn main() -> Result<()> {
     if rows.is_empty() && !head {
         rows = ROWS.to_vec();
     }
-    bench_bitlinear(&dev, &rows, read_gbs)?;
+    bench_bitlinear(&dev, &rows, &stream)?;
     if head || args.iter().all(|a| a.starts_with('-')) {
-        bench_head(&dev, read_gbs)?;
+        bench_head(&dev, &stream)?;
     }
     Ok(())
 }

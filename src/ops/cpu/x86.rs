@@ -86,10 +86,12 @@ unsafe fn vnni<const G: usize, const T: usize>(
                 xb[t] = _mm512_set1_epi32(unsafe { broadcast4(x, t, kp, s) });
             }
             for g in 0..G {
-                let block = w[g * stride + s * BLOCK_BYTES..].as_ptr();
+                // SAFETY: g < G and s < steps, so the block's 64 bytes are inside `w`
+                // (`[G, steps · 64]`, 64-byte aligned).
+                let block = unsafe { w.as_ptr().add(g * stride + s * BLOCK_BYTES) };
                 // A hint, never dereferenced: past the end it is harmless.
                 _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_BYTES).cast());
-                // SAFETY: the block's 64 bytes are in `w`, which is 64-byte aligned.
+                // SAFETY: as above.
                 let v = unsafe { _mm512_load_si512(block.cast()) };
                 for p in 0..4 {
                     let codes = _mm512_and_si512(v, fields[p]);
@@ -193,11 +195,12 @@ unsafe fn avx2<const H: usize, const T: usize>(
                 // SAFETY: 4s + 4 ≤ 4·steps ≤ kp.
                 xb[t] = _mm256_set1_epi32(unsafe { broadcast4(x, t, kp, s) });
             }
-            let block = w[s * BLOCK_BYTES..].as_ptr();
+            // SAFETY: s < steps, so the block is inside `w` (`[steps · 64]`, 64-byte aligned).
+            let block = unsafe { w.as_ptr().add(s * BLOCK_BYTES) };
             // A hint, never dereferenced: past the end it is harmless.
             _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_BYTES).cast());
             for h in 0..H {
-                // SAFETY: bytes 32(h0 + h) .. + 32 of the block, 32-byte aligned.
+                // SAFETY: bytes 32(h0 + h) .. + 32 of the block (h0 + h < 2), 32-byte aligned.
                 let v = unsafe { _mm256_load_si256(block.add(32 * (h0 + h)).cast()) };
                 let v4 = _mm256_srli_epi16::<4>(v);
                 let fields = [
