@@ -438,6 +438,11 @@ fn thread_pool_start_up_is_checked() -> Result<()> {
             .output()?;
         assert_one_line_error(&out, &["RAYON_NUM_THREADS", value, "1 to 1024"]);
     }
+    // 1000 threads of 2 MiB stacks do not fit in the 1 GiB address space of the run.
+    let out = Run::new(&["generate", "--model", &model, "--prompt", "Hi"])
+        .env("RAYON_NUM_THREADS", "1000")
+        .output()?;
+    assert_one_line_error(&out, &["cannot start 1000 worker threads"]);
     Ok(())
 }
 
