@@ -10,9 +10,14 @@
 // launch on one quantized input: segment s holds packed rows [start_s, end_s) of its own matrix,
 // with its own w_div, and its outputs land in columns [4 start_s, 4 end_s) of each output row.
 //
-// Occupancy (ptxas -v for sm_90, see docs/cuda-decode.md): 128-thread blocks; 2B-4T packed rows
-// per launch: q/k/v 960, o 640, gate/up 3456, down 640 (k = 6912: 432 chunks, about one round
-// of 4 loads per thread).
+// ptxas -v (nvcc 13.0, sm_90), no spills: bitlinear_gemv1_* 40 registers, 64 B shared (12
+// blocks = 48 warps per SM by registers); bitlinear_gemv_* 70 registers, 512 B (7 blocks, 28
+// warps). Batch-1 decode of 2B-4T on an H200 (132 SMs, 4 loads per thread in flight):
+//   q/k/v stacked  r = 960,  k = 2560: 7.3 blocks per SM, one wave; a block requests its whole
+//                  2560-byte row at once (160 chunks over 128 threads), ~19 KB per SM in flight
+//   o_proj         r = 640,  k = 2560: 4.8 blocks per SM, one wave, ~12 KB per SM
+//   gate/up        r = 3456, k = 2560: 26 blocks per SM, 2.2 waves
+//   down_proj      r = 640,  k = 6912: 4.8 blocks per SM, 3-4 loads per thread, ~33 KB per SM
 #include "common.cuh"
 #include "ternary.cuh"
 
@@ -33,7 +38,8 @@ __device__ __forceinline__ GemvSegment gemv_segment(int j, int f, int r, int end
   return {TERNARY_FIELDS * start + ternary_out_row(j - start, f, end - start), w_div};
 }
 
-template <typename Out>
+// MAX_ROWS: GEMV_MAX_ROWS, or 1 for batch-1 decode (4 accumulators instead of 32 per thread).
+template <typename Out, int MAX_ROWS>
 __device__ void bitlinear_gemv(const uint8_t* w,        // [r, k] packed codes
                                const int8_t* xq,        // [n_rows, k_pad] int8, zero past k
                                const float* scale,      // [n_rows] s_x
@@ -43,7 +49,7 @@ __device__ void bitlinear_gemv(const uint8_t* w,        // [r, k] packed codes
                                int n_rows, int r, int k, int k_pad,
                                int end0, int end1,      // segments [0, end0) [end0, end1) [end1, r)
                                float w_div0, float w_div1, float w_div2) {
-  __shared__ int partial[GEMV_THREADS / WARP_SIZE][GEMV_MAX_ROWS * TERNARY_FIELDS];
+  __shared__ int partial[GEMV_THREADS / WARP_SIZE][MAX_ROWS * TERNARY_FIELDS];
   const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
   const int j = blockIdx.x;
 
@@ -52,7 +58,7 @@ __device__ void bitlinear_gemv(const uint8_t* w,        // [r, k] packed codes
   const bool vec = ((reinterpret_cast<uintptr_t>(w) | static_cast<uintptr_t>(k)) % 16) == 0;
   const int n_chunks = (k + 15) / 16;
 
-  int acc[GEMV_MAX_ROWS][TERNARY_FIELDS] = {};
+  int acc[MAX_ROWS][TERNARY_FIELDS] = {};
   for (int base = tid; base < n_chunks; base += GEMV_THREADS * GEMV_UNROLL) {
     uint4 wv[GEMV_UNROLL];
 #pragma unroll
@@ -64,11 +70,10 @@ __device__ void bitlinear_gemv(const uint8_t* w,        // [r, k] packed codes
 #pragma unroll
     for (int u = 0; u < GEMV_UNROLL; ++u) {
       const int c = (base + u * GEMV_THREADS) * 16;
-      if (c >= k) break;
       const uint32_t ww[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
 #pragma unroll
-      for (int t = 0; t < GEMV_MAX_ROWS; ++t) {
-        if (t < n_rows) {
+      for (int t = 0; t < MAX_ROWS; ++t) {
+        if (t < n_rows && c < k) {  // (no break: the loop must unroll to keep wv in registers)
           // c < k_pad, which is a multiple of 16: always a full, aligned chunk.
           const int4 xv = *reinterpret_cast<const int4*>(xq + static_cast<size_t>(t) * k_pad + c);
           const int xx[4] = {xv.x, xv.y, xv.z, xv.w};
@@ -86,7 +91,7 @@ __device__ void bitlinear_gemv(const uint8_t* w,        // [r, k] packed codes
 
   // n_rows is the same for the whole block: every lane reaches every shuffle.
 #pragma unroll
-  for (int t = 0; t < GEMV_MAX_ROWS; ++t) {
+  for (int t = 0; t < MAX_ROWS; ++t) {
     if (t < n_rows) {
 #pragma unroll
       for (int f = 0; f < TERNARY_FIELDS; ++f) {
@@ -109,7 +114,7 @@ __device__ void bitlinear_gemv(const uint8_t* w,        // [r, k] packed codes
   }
 }
 
-#define GEMV_OP(NAME, OUT)                                                               \
+#define GEMV_OP(NAME, OUT, MAX_ROWS)                                                     \
   extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                             \
       NAME(const uint8_t* w,         /* [r, k] */                                        \
            const int8_t* xq,         /* [n_rows, k_pad] */                               \
@@ -119,11 +124,15 @@ __device__ void bitlinear_gemv(const uint8_t* w,        // [r, k] packed codes
            const OUT* residual,      /* [n_rows, 4r] or null */                          \
            int n_rows, int r, int k, int k_pad, int end0, int end1,                      \
            float w_div0, float w_div1, float w_div2) {                                   \
-    bitlinear_gemv<OUT>(w, xq, scale, xq_sum, y, residual, n_rows, r, k, k_pad, end0, end1, \
+    bitlinear_gemv<OUT, MAX_ROWS>(w, xq, scale, xq_sum, y, residual, n_rows, r, k, k_pad, end0, end1, \
                         w_div0, w_div1, w_div2);                                         \
   }
 
-GEMV_OP(bitlinear_gemv_f32, float)
-GEMV_OP(bitlinear_gemv_bf16, __nv_bfloat16)
-GEMV_OP(bitlinear_gemv_f16, __half)
-GEMV_OP(bitlinear_gemv_i32, int32_t)
+GEMV_OP(bitlinear_gemv_f32, float, GEMV_MAX_ROWS)
+GEMV_OP(bitlinear_gemv_bf16, __nv_bfloat16, GEMV_MAX_ROWS)
+GEMV_OP(bitlinear_gemv_f16, __half, GEMV_MAX_ROWS)
+GEMV_OP(bitlinear_gemv_i32, int32_t, GEMV_MAX_ROWS)
+GEMV_OP(bitlinear_gemv1_f32, float, 1)
+GEMV_OP(bitlinear_gemv1_bf16, __nv_bfloat16, 1)
+GEMV_OP(bitlinear_gemv1_f16, __half, 1)
+GEMV_OP(bitlinear_gemv1_i32, int32_t, 1)

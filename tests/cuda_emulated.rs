@@ -406,6 +406,9 @@ fn bitlinear_kernels_match_the_reference() {
         if n <= GEMV_MAX_ROWS {
             kernels.push(("gemv", gemv));
         }
+        if n == 1 {
+            kernels.push(("gemv1", gemv));
+        }
         let mut variants = vec![("i32", None), ("f32", None), ("bf16", None), ("f16", None)];
         if k % 16 == 0 {
             // Otherwise the loads are byte-wise anyway: `in` alone rules out 16-byte loads.
@@ -425,11 +428,11 @@ fn bitlinear_kernels_match_the_reference() {
                     Arg::In(to_bytes(&q.sum), None),
                     Arg::Out(n * out * size),
                 ];
-                if kernel == "gemv" {
+                if kernel != "gemm" {
                     args.push(Arg::Null); // no residual
                 }
                 args.extend([Arg::Int(n), Arg::Int(r), Arg::Int(k), Arg::Int(k_pad)]);
-                if kernel == "gemv" {
+                if kernel != "gemm" {
                     // One segment: both ends at r, every w_div the same.
                     args.extend([
                         Arg::Int(r),
@@ -672,18 +675,21 @@ fn check_stacked_gemv<T: Act>(exe: &Path, rng: &mut StdRng) {
                 ]
             };
             let what = format!("stacked gemv rows {n}, {k} → {outs:?}");
-            let name = format!("bitlinear_gemv_{}", T::NAME);
-            let got = &run(exe, &name, launch::gemv(r), args(T::NAME, true))[0];
-            assert_same(got, &with_residual, &format!("{name} {what} + residual"));
-            let got = &run(exe, &name, launch::gemv(r), args(T::NAME, false))[0];
-            assert_same(got, &round_all::<T>(&y), &format!("{name} {what}"));
-            let got = &run(
-                exe,
-                "bitlinear_gemv_i32",
-                launch::gemv(r),
-                args("i32", false),
-            )[0];
-            assert_same(got, &raw, &format!("bitlinear_gemv_i32 {what}"));
+            // What ops::cuda launches, and for one row the general kernel too.
+            let mut kernels = vec![launch::gemv_kernel(n)];
+            if n == 1 {
+                kernels.push(launch::gemv_kernel(2));
+            }
+            for kernel in kernels {
+                let name = format!("{kernel}_{}", T::NAME);
+                let got = &run(exe, &name, launch::gemv(r), args(T::NAME, true))[0];
+                assert_same(got, &with_residual, &format!("{name} {what} + residual"));
+                let got = &run(exe, &name, launch::gemv(r), args(T::NAME, false))[0];
+                assert_same(got, &round_all::<T>(&y), &format!("{name} {what}"));
+                let name = format!("{kernel}_i32");
+                let got = &run(exe, &name, launch::gemv(r), args("i32", false))[0];
+                assert_same(got, &raw, &format!("{name} {what}"));
+            }
         }
     }
 }

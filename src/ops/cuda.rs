@@ -234,16 +234,19 @@ pub(super) fn bitlinear_fwd(
     let (name, module, ptx, cfg) = if use_gemv {
         let cfg = launch_cfg(launch::gemv(r))?;
         as_i32(r, "packed rows")?;
-        ("gemv", "candle_bitnet_gemv", ptx::BITLINEAR_GEMV, cfg)
+        let name = launch::gemv_kernel(n_rows);
+        (name, "candle_bitnet_gemv", ptx::BITLINEAR_GEMV, cfg)
     } else {
         let cfg = launch_cfg(launch::gemm(r, n_rows)?)?;
-        ("gemm", "candle_bitnet_gemm", ptx::BITLINEAR_GEMM, cfg)
+        (
+            "bitlinear_gemm",
+            "candle_bitnet_gemm",
+            ptx::BITLINEAR_GEMM,
+            cfg,
+        )
     };
-    let func = dev.get_or_load_custom_func(
-        &format!("bitlinear_{name}_{}", suffix(out_dtype)?),
-        module,
-        ptx,
-    )?;
+    let func =
+        dev.get_or_load_custom_func(&format!("{name}_{}", suffix(out_dtype)?), module, ptx)?;
     let len = n_rows * op.out_features;
     // The kernels index an output row (< out_features) as int.
     as_i32(op.out_features, "out_features")?;
@@ -409,9 +412,8 @@ pub(super) fn rms_norm_quantize_fwd(
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
-/// `bitlinear_gemv_<dtype>` (up to [`GEMV_MAX_ROWS`] rows, every segment in one launch) or
-/// `bitlinear_gemm_<dtype>` (one launch per segment, then the residual as a candle add is not
-/// needed: more rows only happen in prefill, which keeps [`super::bitlinear`]).
+/// `bitlinear_gemv(1)_<dtype>`: up to [`GEMV_MAX_ROWS`] rows (decode; prefill keeps
+/// [`super::bitlinear`]), every segment in one launch.
 pub(super) fn bitlinear_quantized_fwd(
     op: &BitLinearQuantizedOp,
     acts: &CudaStorage,
@@ -439,7 +441,7 @@ pub(super) fn bitlinear_quantized_fwd(
     );
     let w = view::<u8>(w, wl, "packed weight")?;
     let func = dev.get_or_load_custom_func(
-        &format!("bitlinear_gemv_{}", suffix(op.dtype)?),
+        &format!("{}_{}", launch::gemv_kernel(rows), suffix(op.dtype)?),
         "candle_bitnet_gemv",
         ptx::BITLINEAR_GEMV,
     )?;

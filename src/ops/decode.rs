@@ -340,7 +340,7 @@ impl CustomOp3 for BitLinearQuantizedOp {
         let out = with_float!(self.dtype, T => {
             let res = slice::<T>(res, rl)?;
             let sum: Vec<f32> = y.iter().zip(res).map(|(&y, &r)| {
-                T::round(r.to_f32() + T::round(y).to_f32()).to_f32()
+                <T as Float>::round(r.to_f32() + <T as Float>::round(y).to_f32()).to_f32()
             }).collect();
             from_f32(sum, self.dtype)?
         });
@@ -606,7 +606,7 @@ impl DecodeAttentionOp {
             bail!("decode_attention: cache {:?}", cache.shape().dims())
         }
         let (max_pos, rope_hd) = rope.shape().dims2()?;
-        if len == 0 || len > capacity || len > max_pos || rope_hd != hd {
+        if len == 0 || len > capacity || len > max_pos || rope_hd != hd || !hd.is_multiple_of(2) {
             bail!(
                 "decode_attention: {len} positions, cache of {capacity}, rope table {:?}",
                 rope.shape().dims()
@@ -733,4 +733,161 @@ impl CustomOp1 for ArgmaxFirstOp {
 /// wins. U32 `[..]`; one launch on CUDA, the ids staying on the device.
 pub fn argmax_first(logits: &Tensor) -> Result<Tensor> {
     logits.contiguous()?.apply_op1_no_bwd(&ArgmaxFirstOp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::pack_ternary;
+    use candle_core::{Device, D};
+
+    fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        // A small LCG: no dev-dependency in unit tests.
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    /// The fused path (norm → int8 → stacked BitLinear + residual) equals candle ops for the
+    /// norm in the reference's arithmetic followed by `ops::bitlinear` per matrix.
+    #[test]
+    fn fused_cpu_path_equals_norm_then_bitlinear() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, k, outs) = (3, 300, [8usize, 12]);
+        for dtype in [DType::F32, DType::BF16] {
+            let x = Tensor::from_vec(random(n * k, 1, 8.0), (n, k), &dev)?.to_dtype(dtype)?;
+            let w = Tensor::from_vec(random(k, 2, 2.0), k, &dev)?.to_dtype(dtype)?;
+            let eps = 1e-6;
+            // transformers' RMSNorm with the reference's sum of squares
+            let xf = x.to_dtype(DType::F32)?;
+            let inv: Vec<f32> = xf
+                .to_vec2::<f32>()?
+                .iter()
+                .map(|row| 1.0 / (reference::sum_of_squares(row) / k as f32 + eps).sqrt())
+                .collect();
+            let inv = Tensor::from_vec(inv, (n, 1), &dev)?;
+            let y = xf.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(&w)?;
+
+            let values: Vec<Vec<i8>> = outs
+                .iter()
+                .enumerate()
+                .map(|(i, &o)| {
+                    random(o * k, 3 + i as u64, 3.0)
+                        .iter()
+                        .map(|v| v.round().clamp(-1.0, 1.0) as i8)
+                        .collect()
+                })
+                .collect();
+            let packed: Vec<Tensor> = values
+                .iter()
+                .zip(outs)
+                .map(|(v, o)| Tensor::from_vec(pack_ternary(v, o, k)?, (o / 4, k), &dev))
+                .collect::<Result<_>>()?;
+            let segments = [
+                Segment {
+                    out_features: 8,
+                    w_div: 1.5,
+                },
+                Segment {
+                    out_features: 12,
+                    w_div: 0.7,
+                },
+            ];
+            let want = Tensor::cat(
+                &[
+                    super::super::bitlinear(&y, &packed[0], 1.5)?,
+                    super::super::bitlinear(&y, &packed[1], 0.7)?,
+                ],
+                D::Minus1,
+            )?;
+            let acts = rms_norm_quantize(&x, &w, eps)?;
+            let stacked = Tensor::cat(&packed, 0)?;
+            let got = bitlinear_quantized(&acts, &stacked, &segments, None, dtype)?;
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            };
+            assert_eq!(bits(&got)?, bits(&want)?, "{dtype:?}");
+            let res = Tensor::from_vec(random(n * 20, 9, 4.0), (n, 20), &dev)?.to_dtype(dtype)?;
+            let got = bitlinear_quantized(&acts, &stacked, &segments, Some(&res), dtype)?;
+            assert_eq!(bits(&got)?, bits(&(want + &res)?)?, "{dtype:?} + residual");
+        }
+        Ok(())
+    }
+
+    /// `rope_kv_append` + `decode_attention` on the CPU against candle's rope and softmax
+    /// attention in f32.
+    #[test]
+    fn cpu_attention_matches_candle_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n_h, n_kv, hd, cap, pos) = (4, 2, 8, 6, 4);
+        let half = hd / 2;
+        let angles: Vec<f32> = (0..cap * half)
+            .map(|i| (i / half) as f32 / (1.0 + (i % half) as f32))
+            .collect();
+        let angles = Tensor::from_vec(angles, (cap, half), &dev)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let table = Tensor::cat(&[&cos, &sin], 1)?;
+        let cache = Tensor::from_vec(
+            random(2 * n_kv * cap * hd, 4, 2.0),
+            (2, n_kv, cap, hd),
+            &dev,
+        )?;
+        let qkv = Tensor::from_vec(
+            random((n_h + 2 * n_kv) * hd, 5, 2.0),
+            (1, (n_h + 2 * n_kv) * hd),
+            &dev,
+        )?;
+        rope_kv_append(&cache, &qkv, &table, n_h, pos)?;
+
+        let heads = |from: usize, count: usize| {
+            qkv.narrow(1, from * hd, count * hd)?
+                .reshape((1, count, 1, hd))
+        };
+        let (c, s) = (cos.narrow(0, pos, 1)?, sin.narrow(0, pos, 1)?);
+        let k_new = candle_nn::rotary_emb::rope(&heads(n_h, n_kv)?, &c, &s)?;
+        let v_new = heads(n_h + n_kv, n_kv)?;
+        let keys = cache.get(0)?.narrow(1, 0, pos + 1)?;
+        let values = cache.get(1)?.narrow(1, 0, pos + 1)?;
+        assert_eq!(
+            keys.narrow(1, pos, 1)?.flatten_all()?.to_vec1::<f32>()?,
+            k_new.flatten_all()?.to_vec1::<f32>()?
+        );
+        assert_eq!(
+            values.narrow(1, pos, 1)?.flatten_all()?.to_vec1::<f32>()?,
+            v_new.flatten_all()?.to_vec1::<f32>()?
+        );
+
+        let scale = 1.0 / (hd as f32).sqrt();
+        let got = decode_attention(&qkv, &cache, &table, n_h, pos + 1, scale)?.to_vec1::<f32>()?;
+        let q = candle_nn::rotary_emb::rope(&heads(0, n_h)?, &c, &s)?.reshape((
+            n_kv,
+            n_h / n_kv,
+            hd,
+        ))?;
+        let att = (q.matmul(&keys.t()?)? * scale as f64)?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let want = att.matmul(&values)?.flatten_all()?.to_vec1::<f32>()?;
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5, "{g} vs {w}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn argmax_first_picks_the_first_of_ties() -> Result<()> {
+        let x = Tensor::new(&[[1f32, 3.0, f32::NAN, 3.0], [f32::NAN; 4]], &Device::Cpu)?;
+        assert_eq!(argmax_first(&x)?.to_vec1::<u32>()?, [1, 0]);
+        Ok(())
+    }
 }

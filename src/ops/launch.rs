@@ -36,7 +36,18 @@ pub fn rms_norm_quantize(n_rows: usize) -> Launch {
     }
 }
 
-/// `bitlinear_gemv_*` over `r` packed rows: one block per packed row.
+/// The mat-vec kernel family for `n_rows` token rows: `bitlinear_gemv1` for one row (batch-1
+/// decode: a quarter of the registers, twice the blocks per SM), `bitlinear_gemv` up to
+/// [`GEMV_MAX_ROWS`].
+pub fn gemv_kernel(n_rows: usize) -> &'static str {
+    if n_rows == 1 {
+        "bitlinear_gemv1"
+    } else {
+        "bitlinear_gemv"
+    }
+}
+
+/// `bitlinear_gemv_*` and `bitlinear_gemv1_*` over `r` packed rows: one block per packed row.
 pub fn gemv(r: usize) -> Launch {
     Launch {
         grid: (r, 1),
