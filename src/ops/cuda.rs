@@ -328,15 +328,6 @@ pub(super) fn dequantize_fwd(
     })
 }
 
-/// A contiguous float input of a known dtype as a view of `T`.
-fn float_view<'a, T: CudaDType>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    what: &str,
-) -> Result<CudaView<'a, T>> {
-    view::<T>(s, l, what)
-}
-
 /// Runs `$body` with `$t` the Rust type of a float dtype, or fails naming the op.
 macro_rules! with_float {
     ($dtype:expr, $what:expr, $t:ident => $body:expr) => {
@@ -398,7 +389,7 @@ pub(super) fn rms_norm_quantize_fwd(
         let (mut codes, mut rest) = out.split_at_mut(rows * k_pad);
         let (mut scales, mut sums) = rest.split_at_mut(4 * rows);
         with_float!(x.dtype(), "rms_norm_quantize", T => {
-            let (xv, wv) = (float_view::<T>(x, xl, "input")?, float_view::<T>(w, wl, "norm weight")?);
+            let (xv, wv) = (view::<T>(x, xl, "input")?, view::<T>(w, wl, "norm weight")?);
             let mut b = func.builder();
             b.arg(&xv).arg(&wv).arg(&mut codes).arg(&mut scales).arg(&mut sums);
             b.arg(&k_i).arg(&k_pad_i).arg(&op.eps);
@@ -466,7 +457,7 @@ pub(super) fn bitlinear_quantized_fwd(
     let null = 0u64;
     with_float!(op.dtype, "bitlinear_quantized", T => {
         let mut y = alloc_out::<T>(&dev, len)?;
-        let res = residual.map(|(s, l)| float_view::<T>(s, l, "residual")).transpose()?;
+        let res = residual.map(|(s, l)| view::<T>(s, l, "residual")).transpose()?;
         let mut b = func.builder();
         b.arg(&w).arg(&codes).arg(&scales).arg(&sums).arg(&mut y);
         match &res {
@@ -519,7 +510,7 @@ pub(super) fn rope_kv_append_fwd(
         bail!("rope_kv_append (cuda): the KV cache must be contiguous")
     };
     with_float!(dtype, "rope_kv_append", T => {
-        let (qv, rv) = (float_view::<T>(qkv, ql, "qkv")?, float_view::<T>(rope, rl, "rope table")?);
+        let (qv, rv) = (view::<T>(qkv, ql, "qkv")?, view::<T>(rope, rl, "rope table")?);
         let mut cv = cache.as_cuda_slice_mut::<T>()?.slice_mut(c0..c1);
         let mut b = func.builder();
         b.arg(&qv).arg(&rv).arg(&mut cv);
@@ -579,9 +570,9 @@ pub(super) fn decode_attention_fwd(
     let null = 0u64;
     with_float!(dtype, "decode_attention", T => {
         let (qv, cv, rv) = (
-            float_view::<T>(qkv, ql, "qkv")?,
-            float_view::<T>(cache, cl, "KV cache")?,
-            float_view::<T>(rope, rl, "rope table")?,
+            view::<T>(qkv, ql, "qkv")?,
+            view::<T>(cache, cl, "KV cache")?,
+            view::<T>(rope, rl, "rope table")?,
         );
         let mut y = alloc_out::<T>(&dev, n)?;
         let mut part = (splits > 1)
