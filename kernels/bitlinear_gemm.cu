@@ -7,13 +7,13 @@
 #include "common.cuh"
 #include "ternary.cuh"
 
-constexpr int GEMM_TM = 64;
-constexpr int GEMM_TJ = 32;
 constexpr int GEMM_TK = 64;                     // bytes of k per step: 4 chunks of 16
 constexpr int GEMM_TKW = GEMM_TK / 4;           // 32-bit words per step
-constexpr int GEMM_THREADS = 256;               // 16 x 16
 constexpr int GEMM_RM = GEMM_TM / 16;           // rows per thread
 constexpr int GEMM_RJ = GEMM_TJ / 16;           // packed rows per thread
+static_assert(GEMM_THREADS == 256 && GEMM_TM % 16 == 0 && GEMM_TJ % 16 == 0,
+              "16 x 16 threads; the loads below give each thread one 16-byte chunk");
+static_assert(GEMM_TM * 4 == GEMM_THREADS && GEMM_TJ * 4 <= GEMM_THREADS, "one chunk a thread");
 
 template <typename Out>
 __device__ void bitlinear_gemm(const uint8_t* w,        // [r, k] packed codes

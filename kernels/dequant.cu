@@ -3,8 +3,6 @@
 #include "common.cuh"
 #include "ternary.cuh"
 
-constexpr int DEQUANT_THREADS = 256;
-
 // Grid-stride over packed bytes; each byte yields its 4 output rows.
 template <typename T>
 __device__ void dequant(const uint8_t* w,  // [r, k] packed codes

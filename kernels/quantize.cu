@@ -2,8 +2,6 @@
 // s = 127 / max(absmax, 1e-5), q = clamp(round_half_even(x * s), -128, 127).
 #include "common.cuh"
 
-constexpr int QUANTIZE_THREADS = 256;
-
 // One block per row. Q is int8_t for the BitLinear pipeline, int32_t for tests (its poison
 // value is then out of the int8 range).
 template <typename T, typename Q>
@@ -19,16 +17,11 @@ __device__ void quantize_rows(const T* x,         // [n_rows, k]
   float amax = 0.0f;
   for (int c = threadIdx.x; c < k; c += blockDim.x) amax = fmaxf(amax, fabsf(to_float(xr[c])));
   amax = block_reduce_max(amax);
-  const float s = __fdiv_rn(127.0f, fmaxf(amax, ACT_ABSMAX_EPS));
+  const float s = activation_scale(amax);
 
   int sum = 0;
   for (int c = threadIdx.x; c < k_pad; c += blockDim.x) {
-    int q = 0;
-    if (c < k) {
-      const float r = rintf(__fmul_rn(to_float(xr[c]), s));
-      // NaN becomes 0, as Rust's `NaN as i8` does.
-      q = r != r ? 0 : static_cast<int>(fminf(fmaxf(r, -128.0f), 127.0f));
-    }
+    const int q = c < k ? quantize_value(to_float(xr[c]), s) : 0;
     qr[c] = static_cast<Q>(q);
     sum += q;
   }

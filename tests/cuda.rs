@@ -1,21 +1,22 @@
 //! The CUDA kernels against the CPU op, and the model on the GPU against the fixture.
 //!
-//! Every test prints "skipped: <why>" and passes when the build lacks the `cuda` feature or no
-//! GPU can be opened. With a GPU: fresh random inputs of many shapes, outputs poisoned before
+//! Every test prints "SKIPPED: <test>: <why>" (uncaptured, so it shows) and passes when the
+//! build lacks the `cuda` feature or no GPU can be opened. With a GPU: fresh random inputs of many shapes, outputs poisoned before
 //! each launch ([`candle_bitnet::ops::cuda::poison_outputs`]), every element compared bit for
 //! bit (int8 values, scales, i32 accumulators, scaled outputs in every dtype, decoded weights).
 
 mod common;
 
 use candle_bitnet::ops::{
-    bitlinear, bitlinear_accumulate, bitlinear_with_kernel, dequantize, quantize_activations,
-    GpuKernel,
+    argmax_first, bitlinear, bitlinear_accumulate, bitlinear_quantized, bitlinear_with_kernel,
+    decode_attention, dequantize, quantize_activations, relu2_rms_norm_quantize, rms_norm_quantize,
+    rope_kv_append, GpuKernel, Segment,
 };
 use candle_bitnet::weights::load_model_dir;
 use candle_core::{DType, Device, Result, Tensor};
 use common::{
     assert_batch_matches_single, assert_logits_close, fixture_dir, random_activations,
-    random_packed, Expected, PROMPTS,
+    random_packed, skipped, Expected, PROMPTS,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -35,10 +36,13 @@ const SHAPES: [(usize, usize); 9] = [
     (2560, 640),
 ];
 
-/// GPU 0, or `None` after printing why the test is skipped.
-fn gpu() -> Option<Device> {
+/// GPU 0, or `None` after saying why `test` is skipped.
+fn gpu(test: &str) -> Option<Device> {
     if !candle_core::utils::cuda_is_available() {
-        println!("skipped: this build has no CUDA support (build with --features cuda)");
+        skipped(
+            test,
+            "this build has no CUDA support (build with --features cuda)",
+        );
         return None;
     }
     match Device::new_cuda(0) {
@@ -50,10 +54,8 @@ fn gpu() -> Option<Device> {
         Err(e) => {
             // The first line: candle appends a backtrace.
             let e = e.to_string();
-            println!(
-                "skipped: no usable CUDA device: {}",
-                e.lines().next().unwrap_or("")
-            );
+            let why = format!("no usable CUDA device: {}", e.lines().next().unwrap_or(""));
+            skipped(test, &why);
             None
         }
     }
@@ -118,7 +120,9 @@ fn kernels_for(n: usize) -> Vec<GpuKernel> {
 
 #[test]
 fn quantization_matches_the_cpu_bit_for_bit() -> Result<()> {
-    let Some(gpu) = gpu() else { return Ok(()) };
+    let Some(gpu) = gpu("quantization_matches_the_cpu_bit_for_bit") else {
+        return Ok(());
+    };
     let mut rng = StdRng::seed_from_u64(11);
     for &(k, _) in &SHAPES {
         for &n in &ROWS {
@@ -138,7 +142,9 @@ fn quantization_matches_the_cpu_bit_for_bit() -> Result<()> {
 
 #[test]
 fn accumulators_match_the_cpu_bit_for_bit() -> Result<()> {
-    let Some(gpu) = gpu() else { return Ok(()) };
+    let Some(gpu) = gpu("accumulators_match_the_cpu_bit_for_bit") else {
+        return Ok(());
+    };
     let mut rng = StdRng::seed_from_u64(12);
     for &(k, out) in &SHAPES {
         let packed = random_packed(&mut rng, out, k)?;
@@ -163,7 +169,9 @@ fn accumulators_match_the_cpu_bit_for_bit() -> Result<()> {
 
 #[test]
 fn outputs_match_the_cpu_bit_for_bit_in_every_dtype() -> Result<()> {
-    let Some(gpu) = gpu() else { return Ok(()) };
+    let Some(gpu) = gpu("outputs_match_the_cpu_bit_for_bit_in_every_dtype") else {
+        return Ok(());
+    };
     let mut rng = StdRng::seed_from_u64(13);
     for &(k, out) in &SHAPES {
         let packed = random_packed(&mut rng, out, k)?;
@@ -192,7 +200,9 @@ fn outputs_match_the_cpu_bit_for_bit_in_every_dtype() -> Result<()> {
 /// No rows in, no rows out, on both devices.
 #[test]
 fn empty_input_gives_an_empty_output() -> Result<()> {
-    let Some(gpu) = gpu() else { return Ok(()) };
+    let Some(gpu) = gpu("empty_input_gives_an_empty_output") else {
+        return Ok(());
+    };
     let mut rng = StdRng::seed_from_u64(17);
     let (k, out) = (44, 12);
     let w = Tensor::from_vec(random_packed(&mut rng, out, k)?, (out / 4, k), &Device::Cpu)?;
@@ -206,7 +216,9 @@ fn empty_input_gives_an_empty_output() -> Result<()> {
 
 #[test]
 fn unaligned_weight_storage_takes_the_guarded_loads() -> Result<()> {
-    let Some(gpu) = gpu() else { return Ok(()) };
+    let Some(gpu) = gpu("unaligned_weight_storage_takes_the_guarded_loads") else {
+        return Ok(());
+    };
     let mut rng = StdRng::seed_from_u64(14);
     // in % 16 == 0, but the packed matrix starts 3 bytes into its buffer.
     let (k, out) = (256, 44);
@@ -231,7 +243,9 @@ fn unaligned_weight_storage_takes_the_guarded_loads() -> Result<()> {
 
 #[test]
 fn dequantize_matches_the_cpu_bit_for_bit() -> Result<()> {
-    let Some(gpu) = gpu() else { return Ok(()) };
+    let Some(gpu) = gpu("dequantize_matches_the_cpu_bit_for_bit") else {
+        return Ok(());
+    };
     let mut rng = StdRng::seed_from_u64(15);
     for &(k, out) in &SHAPES {
         let w = Tensor::from_vec(random_packed(&mut rng, out, k)?, (out / 4, k), &Device::Cpu)?;
@@ -240,6 +254,193 @@ fn dequantize_matches_the_cpu_bit_for_bit() -> Result<()> {
             let want = dequantize(&w, w_div, dtype)?;
             let got = dequantize(&w.to_device(&gpu)?, w_div, dtype)?;
             assert_same(&got, &want, &format!("dequantize {dtype:?} [{out}, {k}]"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The decode ops' float dtypes.
+const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+fn random_tensor(rng: &mut StdRng, dims: &[usize], dtype: DType) -> Result<Tensor> {
+    let k = dims.last().copied().unwrap_or(1);
+    let rows = dims.iter().product::<usize>() / k.max(1);
+    Tensor::from_vec(random_activations(rng, rows, k), dims, &Device::Cpu)?.to_dtype(dtype)
+}
+
+#[test]
+fn rms_norm_quantize_matches_the_cpu_bit_for_bit() -> Result<()> {
+    let Some(gpu) = gpu("rms_norm_quantize_matches_the_cpu_bit_for_bit") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(16);
+    for dtype in DTYPES {
+        for (n, k) in [(1, 1), (3, 257), (1, 2560), (2, 6912)] {
+            let w = random_tensor(&mut rng, &[k], dtype)?;
+            for relu2 in [false, true] {
+                let width = if relu2 { 2 * k } else { k };
+                let x = random_tensor(&mut rng, &[n, width], dtype)?;
+                let run = |x: &Tensor, w: &Tensor| match relu2 {
+                    false => rms_norm_quantize(x, w, 1e-5),
+                    true => relu2_rms_norm_quantize(x, w, 1e-5),
+                };
+                let want = run(&x, &w)?.to_parts()?;
+                let got = run(&x.to_device(&gpu)?, &w.to_device(&gpu)?)?.to_parts()?;
+                let what = format!("{dtype:?} [{n}, {k}], relu2 {relu2}");
+                assert_eq!(got.0, want.0, "{what}: codes");
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got.1), bits(&want.1), "{what}: scales");
+                assert_eq!(got.2, want.2, "{what}: sums");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn stacked_bitlinear_with_a_residual_matches_the_cpu_bit_for_bit() -> Result<()> {
+    let Some(gpu) = gpu("stacked_bitlinear_with_a_residual_matches_the_cpu_bit_for_bit") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(17);
+    // The 2B model's q/k/v and gate/up, and odd sizes.
+    let cases: [(usize, &[usize]); 3] = [
+        (2560, &[2560, 640, 640]),
+        (2560, &[6912, 6912]),
+        (130, &[44, 8]),
+    ];
+    for dtype in DTYPES {
+        for (k, outs) in cases {
+            let packed: Vec<u8> = outs
+                .iter()
+                .map(|&o| random_packed(&mut rng, o, k))
+                .collect::<Result<Vec<_>>>()?
+                .concat();
+            let total: usize = outs.iter().sum();
+            let w = Tensor::from_vec(packed, (total / 4, k), &Device::Cpu)?;
+            let segments: Vec<Segment> = outs
+                .iter()
+                .map(|&out_features| Segment {
+                    out_features,
+                    w_div: rng.random_range(0.5..4.0),
+                })
+                .collect();
+            for n in [1, 3] {
+                let x = random_tensor(&mut rng, &[n, k], dtype)?;
+                let norm = random_tensor(&mut rng, &[k], dtype)?;
+                let res = random_tensor(&mut rng, &[n, total], dtype)?;
+                let acts = rms_norm_quantize(&x, &norm, 1e-6)?;
+                let acts_gpu =
+                    rms_norm_quantize(&x.to_device(&gpu)?, &norm.to_device(&gpu)?, 1e-6)?;
+                let w_gpu = w.to_device(&gpu)?;
+                let what = format!("{dtype:?} rows {n}, {k} → {outs:?}");
+                let want = bitlinear_quantized(&acts, &w, &segments, None, dtype)?;
+                let got = bitlinear_quantized(&acts_gpu, &w_gpu, &segments, None, dtype)?;
+                assert_same(&got, &want, &what)?;
+                let want = bitlinear_quantized(&acts, &w, &segments, Some(&res), dtype)?;
+                let res_gpu = res.to_device(&gpu)?;
+                let got = bitlinear_quantized(&acts_gpu, &w_gpu, &segments, Some(&res_gpu), dtype)?;
+                assert_same(&got, &want, &format!("{what} + residual"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A `[max_pos, hd]` table of `cos | sin` rows in `dtype`.
+fn rope_table(max_pos: usize, hd: usize, dtype: DType) -> Result<Tensor> {
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+        .collect();
+    let inv = Tensor::from_vec(inv, (1, hd / 2), &Device::Cpu)?;
+    let pos = Tensor::arange(0u32, max_pos as u32, &Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .reshape((max_pos, 1))?;
+    let freqs = pos.matmul(&inv)?;
+    Tensor::cat(&[freqs.cos()?, freqs.sin()?], 1)?.to_dtype(dtype)
+}
+
+#[test]
+fn rope_kv_append_and_decode_attention_match_the_cpu() -> Result<()> {
+    let Some(gpu) = gpu("rope_kv_append_and_decode_attention_match_the_cpu") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(18);
+    // (query heads, KV heads, head_dim, capacity, position): the 2B model's heads, one split
+    // and many.
+    for dtype in DTYPES {
+        for (n_h, n_kv, hd, cap, pos) in [
+            (20, 5, 128, 64, 10),
+            (20, 5, 128, 4096, 3000),
+            (4, 4, 6, 9, 8),
+        ] {
+            let table = rope_table(cap, hd, dtype)?;
+            let qkv = random_tensor(&mut rng, &[1, (n_h + 2 * n_kv) * hd], dtype)?;
+            let cache = random_tensor(&mut rng, &[2, n_kv, cap, hd], dtype)?;
+            let cache_gpu = cache.to_device(&gpu)?.copy()?;
+            let cache = cache.copy()?;
+            let (qkv_gpu, table_gpu) = (qkv.to_device(&gpu)?, table.to_device(&gpu)?);
+            rope_kv_append(&cache, &qkv, &table, n_h, pos)?;
+            rope_kv_append(&cache_gpu, &qkv_gpu, &table_gpu, n_h, pos)?;
+            let what = format!("{dtype:?} heads {n_h}/{n_kv}, hd {hd}, position {pos}");
+            assert_same(&cache_gpu, &cache, &format!("rope_kv_append {what}"))?;
+
+            let scale = 1.0 / (hd as f32).sqrt();
+            let want = decode_attention(&qkv, &cache, &table, n_h, pos + 1, scale)?;
+            let got = decode_attention(&qkv_gpu, &cache_gpu, &table_gpu, n_h, pos + 1, scale)?;
+            let (got, want) = (
+                got.to_device(&Device::Cpu)?
+                    .to_dtype(DType::F64)?
+                    .to_vec1::<f64>()?,
+                want.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+            );
+            let v_max = cache
+                .get(1)?
+                .abs()?
+                .to_dtype(DType::F32)?
+                .max_all()?
+                .to_scalar::<f32>()? as f64;
+            // The CPU op rounds the exact result to the dtype: up to two ulps apart.
+            let ulp = match dtype {
+                DType::F32 => f32::EPSILON as f64,
+                DType::BF16 => 1.0 / 128.0,
+                _ => 1.0 / 1024.0,
+            };
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let tol = 1e-5 * v_max + 2.0 * ulp * w.abs();
+                assert!(
+                    (g - w).abs() <= tol,
+                    "decode_attention {what}: element {i} {g} vs {w}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn argmax_first_matches_the_cpu() -> Result<()> {
+    let Some(gpu) = gpu("argmax_first_matches_the_cpu") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(19);
+    for dtype in DTYPES {
+        for n in [1, 1000, 128_256] {
+            let mut x = random_activations(&mut rng, 3, n);
+            // Ties far apart in row 0, a NaN before the maximum in row 1, all -inf in row 2.
+            x[n / 3] = 50.0;
+            x[n - 1] = 50.0;
+            x[n] = f32::NAN;
+            x[2 * n - 1] = 60.0;
+            x[2 * n..].fill(f32::NEG_INFINITY);
+            let x = Tensor::from_vec(x, (3, n), &Device::Cpu)?.to_dtype(dtype)?;
+            let want = argmax_first(&x)?;
+            let got = argmax_first(&x.to_device(&gpu)?)?;
+            assert_eq!(
+                got.to_device(&Device::Cpu)?.to_vec1::<u32>()?,
+                want.to_vec1::<u32>()?,
+                "{dtype:?} rows of {n}"
+            );
         }
     }
     Ok(())
@@ -283,7 +484,9 @@ fn rel_l2(got: &Tensor, want: &Tensor) -> Result<f32> {
 /// decode) equal to the CPU path's and to transformers'.
 #[test]
 fn f32_model_on_cuda_matches_the_cpu_greedy_ids() -> Result<()> {
-    let Some(gpu) = gpu() else { return Ok(()) };
+    let Some(gpu) = gpu("f32_model_on_cuda_matches_the_cpu_greedy_ids") else {
+        return Ok(());
+    };
     let expected = Expected::load()?;
     let (_, mut cpu_model) = load_model_dir(&fixture_dir(), DType::F32, &Device::Cpu)?;
     let (_, mut model) = load_model_dir(&fixture_dir(), DType::F32, &gpu)?;
@@ -327,7 +530,9 @@ fn f32_model_on_cuda_matches_the_cpu_greedy_ids() -> Result<()> {
 /// printed next to the CPU bf16 path's, and the f32 test above holds the ids to equality.
 #[test]
 fn bf16_model_on_cuda_is_within_the_bf16_tolerance() -> Result<()> {
-    let Some(gpu) = gpu() else { return Ok(()) };
+    let Some(gpu) = gpu("bf16_model_on_cuda_is_within_the_bf16_tolerance") else {
+        return Ok(());
+    };
     let expected = Expected::load()?;
     let (_, mut cpu_model) = load_model_dir(&fixture_dir(), DType::BF16, &Device::Cpu)?;
     let (_, mut model) = load_model_dir(&fixture_dir(), DType::BF16, &gpu)?;
@@ -369,7 +574,9 @@ fn bf16_model_on_cuda_is_within_the_bf16_tolerance() -> Result<()> {
 /// reach the head here, which cuBLAS refuses unless made contiguous).
 #[test]
 fn a_batch_of_prompts_on_cuda_matches_each_prompt_alone() -> Result<()> {
-    let Some(gpu) = gpu() else { return Ok(()) };
+    let Some(gpu) = gpu("a_batch_of_prompts_on_cuda_matches_each_prompt_alone") else {
+        return Ok(());
+    };
     for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
         let (_, mut model) = load_model_dir(&fixture_dir(), dtype, &gpu)?;
         assert_batch_matches_single(&mut model, tol)?;

@@ -1,13 +1,17 @@
-//! CUDA forward passes of the BitLinear ops: the PTX that `build.rs` compiles from `kernels/`,
-//! launched on candle's stream. Packed layout and rounding rules: [`crate::quant`].
+//! CUDA forward passes of the ops: the PTX that `build.rs` compiles from `kernels/`, launched on
+//! candle's stream, every launch's result checked. Packed layout and rounding rules:
+//! [`crate::quant`].
 //!
 //! A BitLinear forward is two launches: `quantize_i8_<x dtype>` writes the per-token int8
 //! activations (rows zero-padded to `ACT_ALIGN` bytes), scales and row sums to scratch buffers, then
 //! `bitlinear_gemv_<out>` (up to [`GEMV_MAX_ROWS`] rows) or `bitlinear_gemm_<out>` computes the
-//! exact i32 products with the packed codes and applies both scales.
+//! exact i32 products with the packed codes and applies both scales. The decode ops
+//! ([`super::decode`]) are one launch each (attention over a long cache: two).
 
+use super::decode::{BitLinearQuantizedOp, DecodeAttentionOp, RmsNormQuantizeOp, RopeKvAppendOp};
 use super::launch::{self, Launch, ACT_ALIGN, GEMV_MAX_ROWS};
-use super::{BitLinearKernelOp, GpuKernel, QuantPart};
+use super::stages::QuantPart;
+use super::{BitLinearKernelOp, GpuKernel};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
@@ -23,9 +27,10 @@ mod ptx {
 
 static POISON: AtomicBool = AtomicBool::new(false);
 
-/// With `on`, every output buffer of these ops starts as NaN (floats) or `0x80808080` (ints,
+/// Test plumbing: with `on`, every output buffer of these ops starts as NaN (floats) or `0x80808080` (ints,
 /// outside the int8 range and unreachable by an accumulator) instead of whatever the stream
 /// allocator hands back, so a test sees any element a kernel failed to write.
+#[cfg(feature = "testing")]
 pub fn poison_outputs(on: bool) {
     POISON.store(on, Ordering::Relaxed)
 }
@@ -47,6 +52,12 @@ impl Poison for i32 {
 }
 impl Poison for i8 {
     const POISON: Self = i8::MIN;
+}
+impl Poison for u8 {
+    const POISON: Self = 0x80;
+}
+impl Poison for u32 {
+    const POISON: Self = u32::MAX;
 }
 
 /// A device buffer that the next launch fills completely.
@@ -222,16 +233,20 @@ pub(super) fn bitlinear_fwd(
     let r = op.out_features / 4;
     let (name, module, ptx, cfg) = if use_gemv {
         let cfg = launch_cfg(launch::gemv(r))?;
-        ("gemv", "candle_bitnet_gemv", ptx::BITLINEAR_GEMV, cfg)
+        as_i32(r, "packed rows")?;
+        let name = launch::gemv_kernel(n_rows);
+        (name, "candle_bitnet_gemv", ptx::BITLINEAR_GEMV, cfg)
     } else {
         let cfg = launch_cfg(launch::gemm(r, n_rows)?)?;
-        ("gemm", "candle_bitnet_gemm", ptx::BITLINEAR_GEMM, cfg)
+        (
+            "bitlinear_gemm",
+            "candle_bitnet_gemm",
+            ptx::BITLINEAR_GEMM,
+            cfg,
+        )
     };
-    let func = dev.get_or_load_custom_func(
-        &format!("bitlinear_{name}_{}", suffix(out_dtype)?),
-        module,
-        ptx,
-    )?;
+    let func =
+        dev.get_or_load_custom_func(&format!("{name}_{}", suffix(out_dtype)?), module, ptx)?;
     let len = n_rows * op.out_features;
     // The kernels index an output row (< out_features) as int.
     as_i32(op.out_features, "out_features")?;
@@ -242,19 +257,25 @@ pub(super) fn bitlinear_fwd(
         as_i32(q.k_pad, "in_features")?,
         op.w_div,
     );
+    // The gemv's single segment and no residual.
+    let (no_residual, r_i) = (0u64, args.1);
     macro_rules! launch {
         ($t:ty) => {{
             let mut y = alloc_out::<$t>(&dev, len)?;
             let mut b = func.builder();
             b.arg(&w).arg(&q.xq).arg(&q.scale).arg(&q.sum).arg(&mut y);
-            b.arg(&args.0)
-                .arg(&args.1)
-                .arg(&args.2)
-                .arg(&args.3)
-                .arg(&args.4);
+            if use_gemv {
+                b.arg(&no_residual);
+            }
+            b.arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3);
+            if use_gemv {
+                b.arg(&r_i).arg(&r_i).arg(&args.4).arg(&args.4);
+            }
+            b.arg(&args.4);
             // SAFETY: argument types and order match `bitlinear_gemv`/`bitlinear_gemm` in
-            // kernels/; w is [r, in] (checked by BitLinearOp::check), xq/scale/sum come from
-            // `quantize` for these n_rows and k_pad, y holds n_rows·out elements.
+            // kernels/ (a null residual is a 0 pointer); w is [r, in] (checked by
+            // BitLinearOp::check), xq/scale/sum come from `quantize` for these n_rows and
+            // k_pad, y holds n_rows·out elements.
             unsafe { b.launch(cfg) }.w()?;
             CudaStorage::wrap_cuda_slice(y, dev.clone())
         }};
@@ -305,4 +326,316 @@ pub(super) fn dequantize_fwd(
         DType::F16 => launch!(f16),
         other => bail!("dequantize (cuda): dtype must be f32, bf16 or f16, found {other:?}"),
     })
+}
+
+/// Runs `$body` with `$t` the Rust type of a float dtype, or fails naming the op.
+macro_rules! with_float {
+    ($dtype:expr, $what:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $t = bf16;
+                $body
+            }
+            DType::F16 => {
+                type $t = f16;
+                $body
+            }
+            other => bail!(
+                "{} (cuda): expected f32, bf16 or f16, found {other:?}",
+                $what
+            ),
+        }
+    };
+}
+
+/// `rms_norm_quantize_<T>` / `relu2_rms_norm_quantize_<T>`: the [`super::QuantizedActivations`]
+/// bytes (codes, scales, sums) of `rows` rows.
+pub(super) fn rms_norm_quantize_fwd(
+    op: &RmsNormQuantizeOp,
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    rows: usize,
+    k: usize,
+) -> Result<CudaStorage> {
+    let dev = x.device.clone();
+    if w.dtype() != x.dtype() {
+        bail!(
+            "rms_norm_quantize (cuda): input {:?}, weight {:?}",
+            x.dtype(),
+            w.dtype()
+        )
+    }
+    let k_pad = k.next_multiple_of(ACT_ALIGN);
+    let mut out = alloc_out::<u8>(&dev, rows * (k_pad + 8))?;
+    if rows == 0 {
+        return Ok(CudaStorage::wrap_cuda_slice(out, dev));
+    }
+    let prefix = if op.relu2 { "relu2_" } else { "" };
+    let name = format!("{prefix}rms_norm_quantize_{}", suffix(x.dtype())?);
+    let func = dev.get_or_load_custom_func(
+        &name,
+        "candle_bitnet_rms_norm_quantize",
+        ptx::RMS_NORM_QUANTIZE,
+    )?;
+    let (k_i, k_pad_i) = (as_i32(k, "norm size")?, as_i32(k_pad, "norm size")?);
+    as_i32(2 * rows * k, "input elements")?;
+    {
+        let (mut codes, mut rest) = out.split_at_mut(rows * k_pad);
+        let (mut scales, mut sums) = rest.split_at_mut(4 * rows);
+        with_float!(x.dtype(), "rms_norm_quantize", T => {
+            let (xv, wv) = (view::<T>(x, xl, "input")?, view::<T>(w, wl, "norm weight")?);
+            let mut b = func.builder();
+            b.arg(&xv).arg(&wv).arg(&mut codes).arg(&mut scales).arg(&mut sums);
+            b.arg(&k_i).arg(&k_pad_i).arg(&op.eps);
+            // SAFETY: argument types and order match RMS_NORM_QUANTIZE_OP in
+            // kernels/rms_norm_quantize.cu (the byte views are the i8 codes, f32 scales and
+            // i32 sums of `rows` rows, 4-byte aligned as rows·k_pad is a multiple of 16); x
+            // holds rows·k (rows·2k for relu2) elements, checked by RmsNormQuantizeOp::rows.
+            unsafe { b.launch(launch_cfg(launch::rms_norm_quantize(rows))?) }.w()?;
+        });
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// `bitlinear_gemv(1)_<dtype>`: up to [`GEMV_MAX_ROWS`] rows (decode; prefill keeps
+/// [`super::bitlinear`]), every segment in one launch.
+pub(super) fn bitlinear_quantized_fwd(
+    op: &BitLinearQuantizedOp,
+    acts: &CudaStorage,
+    al: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    residual: Option<(&CudaStorage, &Layout)>,
+) -> Result<CudaStorage> {
+    let dev = acts.device.clone();
+    let rows = op.rows;
+    if rows > GEMV_MAX_ROWS {
+        bail!("bitlinear_quantized (cuda): at most {GEMV_MAX_ROWS} rows (decode), got {rows}")
+    }
+    let (k, out) = (op.in_features, op.out_features());
+    let (k_pad, r) = (k.next_multiple_of(ACT_ALIGN), out / 4);
+    let len = rows * out;
+    if rows == 0 {
+        return dev.zeros_impl(&Shape::from((0, out)), op.dtype);
+    }
+    let bytes = view::<u8>(acts, al, "quantized activations")?;
+    let (codes, scales, sums) = (
+        bytes.slice(..rows * k_pad),
+        bytes.slice(rows * k_pad..rows * (k_pad + 4)),
+        bytes.slice(rows * (k_pad + 4)..),
+    );
+    let w = view::<u8>(w, wl, "packed weight")?;
+    let func = dev.get_or_load_custom_func(
+        &format!("{}_{}", launch::gemv_kernel(rows), suffix(op.dtype)?),
+        "candle_bitnet_gemv",
+        ptx::BITLINEAR_GEMV,
+    )?;
+    as_i32(out, "out_features")?;
+    let (rows_i, r_i, k_i, k_pad_i) = (
+        as_i32(rows, "rows")?,
+        as_i32(r, "packed rows")?,
+        as_i32(k, "in_features")?,
+        as_i32(k_pad, "in_features")?,
+    );
+    // Segment ends in packed rows, and each segment's w_div (unused ones repeat the last).
+    let mut ends = [r_i; 2];
+    let mut w_divs = [op.segments[op.segments.len() - 1].w_div; 3];
+    let mut end = 0;
+    for (i, seg) in op.segments.iter().enumerate() {
+        end += seg.out_features / 4;
+        if i < 2 {
+            ends[i] = as_i32(end, "packed rows")?;
+        }
+        w_divs[i] = seg.w_div;
+    }
+    let null = 0u64;
+    with_float!(op.dtype, "bitlinear_quantized", T => {
+        let mut y = alloc_out::<T>(&dev, len)?;
+        let res = residual.map(|(s, l)| view::<T>(s, l, "residual")).transpose()?;
+        let mut b = func.builder();
+        b.arg(&w).arg(&codes).arg(&scales).arg(&sums).arg(&mut y);
+        match &res {
+            Some(res) => b.arg(res),
+            None => b.arg(&null),
+        };
+        b.arg(&rows_i).arg(&r_i).arg(&k_i).arg(&k_pad_i).arg(&ends[0]).arg(&ends[1]);
+        b.arg(&w_divs[0]).arg(&w_divs[1]).arg(&w_divs[2]);
+        // SAFETY: argument types and order match GEMV_OP in kernels/bitlinear_gemv.cu; w is
+        // [r, k] and the activation bytes hold rows·k_pad codes, rows scales and rows sums
+        // (BitLinearQuantizedOp::check), the residual (or null) and y rows·4r elements.
+        unsafe { b.launch(launch_cfg(launch::gemv(r))?) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+/// `rope_kv_append_<T>`: writes the rotated keys and the values into `cache` in place.
+pub(super) fn rope_kv_append_fwd(
+    op: &RopeKvAppendOp,
+    cache: &mut CudaStorage,
+    cl: &Layout,
+    qkv: &CudaStorage,
+    ql: &Layout,
+    rope: &CudaStorage,
+    rl: &Layout,
+) -> Result<()> {
+    if op.n_tok == 0 {
+        return Ok(());
+    }
+    let dev = qkv.device.clone();
+    let dtype = cache.dtype();
+    if qkv.dtype() != dtype || rope.dtype() != dtype {
+        bail!("rope_kv_append (cuda): cache, qkv and rope must share a dtype")
+    }
+    let func = dev.get_or_load_custom_func(
+        &format!("rope_kv_append_{}", suffix(dtype)?),
+        "candle_bitnet_rope_kv",
+        ptx::ROPE_KV,
+    )?;
+    let args = [
+        as_i32(op.n_heads, "heads")?,
+        as_i32(op.n_kv_heads, "KV heads")?,
+        as_i32(op.head_dim, "head_dim")?,
+        as_i32(op.capacity, "cache capacity")?,
+        as_i32(op.pos0, "position")?,
+    ];
+    as_i32(cl.shape().elem_count(), "cache elements")?;
+    let cfg = launch_cfg(launch::rope_kv_append(op.n_kv_heads, op.n_tok)?)?;
+    let Some((c0, c1)) = cl.contiguous_offsets() else {
+        bail!("rope_kv_append (cuda): the KV cache must be contiguous")
+    };
+    with_float!(dtype, "rope_kv_append", T => {
+        let (qv, rv) = (view::<T>(qkv, ql, "qkv")?, view::<T>(rope, rl, "rope table")?);
+        let mut cv = cache.as_cuda_slice_mut::<T>()?.slice_mut(c0..c1);
+        let mut b = func.builder();
+        b.arg(&qv).arg(&rv).arg(&mut cv);
+        for a in &args {
+            b.arg(a);
+        }
+        // SAFETY: argument types and order match ROPE_KV_OP in kernels/rope_kv.cu; the cache
+        // is [2, n_kv, cap, hd], qkv n_tok rows of (n_h + 2 n_kv)·hd and the rope table covers
+        // positions pos0..pos0 + n_tok < cap (RopeKvAppendOp::check).
+        unsafe { b.launch(cfg) }.w()?;
+    });
+    Ok(())
+}
+
+/// `attention_decode_<T>`, and `attention_combine_<T>` when the cache is split.
+pub(super) fn decode_attention_fwd(
+    op: &DecodeAttentionOp,
+    qkv: &CudaStorage,
+    ql: &Layout,
+    cache: &CudaStorage,
+    cl: &Layout,
+    rope: &CudaStorage,
+    rl: &Layout,
+) -> Result<CudaStorage> {
+    use super::launch_constants::{ATTN_MAX_GROUP, ATTN_MAX_HEAD_DIM};
+    let dev = qkv.device.clone();
+    let s = op.shape;
+    let dtype = qkv.dtype();
+    if cache.dtype() != dtype || rope.dtype() != dtype {
+        bail!("decode_attention (cuda): qkv, cache and rope must share a dtype")
+    }
+    let group = s.n_heads / s.n_kv_heads;
+    if group > ATTN_MAX_GROUP || s.head_dim > ATTN_MAX_HEAD_DIM || !s.head_dim.is_multiple_of(2) {
+        bail!(
+            "decode_attention (cuda): {group} query heads per KV head (at most {ATTN_MAX_GROUP}), \
+             head_dim {} (even, at most {ATTN_MAX_HEAD_DIM})",
+            s.head_dim
+        )
+    }
+    let (splits, split_len) = launch::attention_splits(s.len);
+    let suffix = suffix(dtype)?;
+    let decode = dev.get_or_load_custom_func(
+        &format!("attention_decode_{suffix}"),
+        "candle_bitnet_attention",
+        ptx::ATTENTION,
+    )?;
+    as_i32(cl.shape().elem_count(), "cache elements")?;
+    let ints = [
+        as_i32(s.n_heads, "heads")?,
+        as_i32(s.n_kv_heads, "KV heads")?,
+        as_i32(s.head_dim, "head_dim")?,
+        as_i32(s.capacity, "cache capacity")?,
+        as_i32(s.len, "positions")?,
+        as_i32(split_len, "split")?,
+    ];
+    let n = s.n_heads * s.head_dim;
+    let null = 0u64;
+    with_float!(dtype, "decode_attention", T => {
+        let (qv, cv, rv) = (
+            view::<T>(qkv, ql, "qkv")?,
+            view::<T>(cache, cl, "KV cache")?,
+            view::<T>(rope, rl, "rope table")?,
+        );
+        let mut y = alloc_out::<T>(&dev, n)?;
+        let mut part = (splits > 1)
+            .then(|| alloc_out::<f32>(&dev, s.n_heads * splits * (s.head_dim + 2)))
+            .transpose()?;
+        {
+            let mut b = decode.builder();
+            b.arg(&qv).arg(&cv).arg(&rv);
+            match &mut part {
+                // One split writes y; several write their partial results only.
+                None => b.arg(&mut y).arg(&null),
+                Some(part) => b.arg(&null).arg(part),
+            };
+            for a in &ints {
+                b.arg(a);
+            }
+            b.arg(&op.scale);
+            // SAFETY: argument types and order match ATTENTION_OP in kernels/attention.cu;
+            // shapes checked by DecodeAttentionOp::check and above (group, head_dim); y holds
+            // n_h·hd elements, part n_h·splits·(hd + 2).
+            unsafe { b.launch(launch_cfg(launch::attention_decode(s.n_kv_heads, splits))?) }.w()?;
+        }
+        if let Some(part) = &part {
+            let combine = dev.get_or_load_custom_func(
+                &format!("attention_combine_{suffix}"),
+                "candle_bitnet_attention",
+                ptx::ATTENTION,
+            )?;
+            let (hd_i, splits_i) = (ints[2], as_i32(splits, "splits")?);
+            let mut b = combine.builder();
+            b.arg(part).arg(&mut y).arg(&hd_i).arg(&splits_i);
+            // SAFETY: argument types and order match ATTENTION_OP's combine kernel; part was
+            // written by the launch above for these shapes.
+            unsafe { b.launch(launch_cfg(launch::attention_combine(s.n_heads))?) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+/// `argmax_<T>` over `rows` rows of `n`: U32 ids.
+pub(super) fn argmax_fwd(
+    x: &CudaStorage,
+    l: &Layout,
+    rows: usize,
+    n: usize,
+) -> Result<CudaStorage> {
+    let dev = x.device.clone();
+    let mut ids = alloc_out::<u32>(&dev, rows)?;
+    if rows == 0 {
+        return Ok(CudaStorage::wrap_cuda_slice(ids, dev));
+    }
+    let func = dev.get_or_load_custom_func(
+        &format!("argmax_{}", suffix(x.dtype())?),
+        "candle_bitnet_argmax",
+        ptx::ARGMAX,
+    )?;
+    let n_i = as_i32(n, "row length")?;
+    let input = FloatView::new(x, l)?;
+    let mut b = func.builder();
+    input.push(&mut b);
+    b.arg(&mut ids).arg(&n_i);
+    // SAFETY: argument types and order match ARGMAX_OP in kernels/argmax.cu; x holds rows·n
+    // elements, ids rows.
+    unsafe { b.launch(launch_cfg(launch::argmax(rows))?) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(ids, dev))
 }

@@ -8,14 +8,29 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod decode;
+// Launch geometry and the BitLinear stages are test plumbing: public only with the `testing`
+// feature, which the crate's own tests turn on (a dev-dependency on itself).
+#[cfg(feature = "testing")]
 pub mod launch;
+#[cfg(all(feature = "cuda", not(feature = "testing")))]
+mod launch;
+mod launch_constants;
+pub mod reference;
 mod stages;
 
 pub use cpu::Int8Head;
-pub use stages::{
-    bitlinear_accumulate, bitlinear_with_kernel, dequantize, quantize_activations,
-    BitLinearKernelOp, DequantizeOp, GpuKernel, QuantPart, QuantizeOp,
+pub use decode::{
+    argmax_first, bitlinear_quantized, decode_attention, relu2_rms_norm_quantize,
+    rms_norm_quantize, rope_kv_append, QuantizedActivations, Segment,
 };
+#[cfg(feature = "cuda")]
+use stages::BitLinearKernelOp;
+#[cfg(all(feature = "cuda", not(feature = "testing")))]
+use stages::GpuKernel;
+#[cfg(feature = "testing")]
+pub use stages::{bitlinear_accumulate, bitlinear_with_kernel, GpuKernel};
+pub use stages::{dequantize, quantize_activations};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};

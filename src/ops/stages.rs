@@ -2,14 +2,19 @@
 //! stage by stage (int8 activations and scales, raw i32 accumulators, each CUDA kernel) and the
 //! dense baseline can decode weights where they live. They run the same kernels as
 //! [`super::bitlinear`]; on the CPU they run the reference arithmetic of [`crate::quant`].
+//! The kernel choice and the raw accumulators are test plumbing, public with the `testing`
+//! feature only.
 
 use super::{contiguous, from_f32, to_f32, BitLinearOp};
 use crate::quant::{quantize_activations as quantize_row, unpack_ternary};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
+#[cfg(any(feature = "cuda", feature = "testing"))]
 /// Which BitLinear kernel runs on CUDA; the CPU ignores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// Without `testing` only the model's choice (Auto) is made.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))]
 pub enum GpuKernel {
     /// Mat-vec up to 8 rows, tiled mat-mat beyond: what [`super::bitlinear`] runs.
     Auto,
@@ -21,7 +26,7 @@ pub enum GpuKernel {
 
 /// Which output of the activation quantization a [`QuantizeOp`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuantPart {
+pub(crate) enum QuantPart {
     /// The int8 values, widened to I32 `[.., in]`.
     Values,
     /// The per-token scales `s_x`, F32 `[..]`.
@@ -30,15 +35,18 @@ pub enum QuantPart {
 
 /// Per-token absmax int8 quantization of `x: [.., in]` (f32/bf16/f16).
 #[derive(Debug, Clone, Copy)]
-pub struct QuantizeOp {
-    pub in_features: usize,
-    pub part: QuantPart,
+struct QuantizeOp {
+    in_features: usize,
+    part: QuantPart,
 }
 
+#[cfg(any(feature = "cuda", feature = "testing"))]
 /// BitLinear through a chosen CUDA kernel, optionally stopping at the raw i32 accumulators.
 #[derive(Debug, Clone, Copy)]
-pub struct BitLinearKernelOp {
+pub(crate) struct BitLinearKernelOp {
     pub op: BitLinearOp,
+    // Read by the CUDA forward only.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub kernel: GpuKernel,
     /// Output I32 `Σ W·x_q` instead of the scaled result in x's dtype.
     pub raw: bool,
@@ -46,9 +54,9 @@ pub struct BitLinearKernelOp {
 
 /// Packed `[out/4, in]` U8 weights to dense `[out, in]` `dtype` values `W / w_div`.
 #[derive(Debug, Clone, Copy)]
-pub struct DequantizeOp {
-    pub w_div: f32,
-    pub dtype: DType,
+struct DequantizeOp {
+    w_div: f32,
+    dtype: DType,
 }
 
 fn rows_of(layout: &Layout, in_features: usize) -> Result<usize> {
@@ -110,6 +118,7 @@ fn scales_shape(layout: &Layout) -> Result<Shape> {
     Ok(Shape::from(&dims[..dims.len().saturating_sub(1)]))
 }
 
+#[cfg(any(feature = "cuda", feature = "testing"))]
 impl CustomOp2 for BitLinearKernelOp {
     fn name(&self) -> &'static str {
         "bitlinear-kernel"
@@ -197,6 +206,7 @@ pub fn quantize_activations(x: &Tensor) -> Result<(Tensor, Tensor)> {
     ))
 }
 
+#[cfg(feature = "testing")]
 fn kernel_op(
     x: &Tensor,
     weight: &Tensor,
@@ -222,11 +232,13 @@ fn kernel_op(
 
 /// The exact i32 accumulators `Σ_c W[o, c]·x_q[t, c]` of BitLinear: I32 `[.., out]`, before
 /// any scale, so that devices and kernels can be compared bit for bit.
+#[cfg(feature = "testing")]
 pub fn bitlinear_accumulate(x: &Tensor, weight: &Tensor, kernel: GpuKernel) -> Result<Tensor> {
     kernel_op(x, weight, 1.0, kernel, true)
 }
 
 /// [`super::bitlinear`] through a chosen CUDA kernel (the same result on the CPU).
+#[cfg(feature = "testing")]
 pub fn bitlinear_with_kernel(
     x: &Tensor,
     weight: &Tensor,
@@ -247,7 +259,7 @@ pub fn dequantize(weight: &Tensor, w_div: f32, dtype: DType) -> Result<Tensor> {
         .apply_op1_no_bwd(&DequantizeOp { w_div, dtype })
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "testing"))]
 mod tests {
     use super::*;
     use crate::quant::{dequantize_accumulator, pack_ternary};

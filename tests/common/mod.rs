@@ -132,3 +132,10 @@ pub fn random_packed(rng: &mut StdRng, out: usize, k: usize) -> Result<Vec<u8>> 
     let values: Vec<i8> = (0..out * k).map(|_| rng.random_range(-1..=1)).collect();
     candle_bitnet::quant::pack_ternary(&values, out, k)
 }
+
+/// Says loudly that a test did not run: straight to the process's stderr, which the test
+/// harness does not capture, so the line shows in `cargo test` output even when it passes.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: {why}");
+}

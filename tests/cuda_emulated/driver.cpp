@@ -7,6 +7,8 @@
 //   in:FILE[+OFF]   a device buffer holding DIR/FILE; +OFF places it OFF bytes past a 16-byte
 //                   boundary (an unaligned weight pointer)
 //   out:FILE:BYTES  a device buffer of BYTES bytes, poisoned with 0xAB, saved to DIR/FILE after
+//   inout:FILE      a device buffer holding DIR/FILE, saved back to it after (in-place kernels)
+//   null            a null pointer (an optional buffer left out)
 //   i:VALUE         an int
 //   f:BITS          a float, as the hex bits of its IEEE pattern (no decimal round trip)
 //
@@ -26,6 +28,10 @@
 #include "bitlinear_gemv.cu"
 #include "bitlinear_gemm.cu"
 #include "dequant.cu"
+#include "rms_norm_quantize.cu"
+#include "rope_kv.cu"
+#include "attention.cu"
+#include "argmax.cu"
 
 namespace {
 
@@ -80,6 +86,15 @@ Arg parse(const std::string& dir, const std::string& s) {
     const size_t misalign = plus == std::string::npos ? 0 : std::stoul(s.substr(plus + 1));
     a.ptr = guarded_alloc(a.bytes, misalign);
     memcpy(a.ptr, data.data(), a.bytes);
+  } else if (s.rfind("inout:", 0) == 0) {
+    a.kind = 'b';
+    a.out_file = dir + "/" + s.substr(6);
+    const std::vector<char> data = read_file(a.out_file);
+    a.bytes = data.size();
+    a.ptr = guarded_alloc(a.bytes, 0);
+    memcpy(a.ptr, data.data(), a.bytes);
+  } else if (s == "null") {
+    a.kind = 'b';
   } else if (s.rfind("out:", 0) == 0) {
     a.kind = 'b';
     const size_t colon = s.rfind(':');
@@ -117,11 +132,35 @@ float flt(const Args& a, size_t i) { return arg(a, i, 'f').f; }
      NAME(buf<T>(a, 0), buf<Q>(a, 1), buf<float>(a, 2), buf<int32_t>(a, 3), num(a, 4),      \
           num(a, 5));                                                                        \
    }}
-#define BITLINEAR(NAME, OUT)                                                                 \
+#define GEMM(NAME, OUT)                                                                      \
   {#NAME, [](const Args& a) {                                                                \
      NAME(buf<uint8_t>(a, 0), buf<int8_t>(a, 1), buf<float>(a, 2), buf<int32_t>(a, 3),       \
           buf<OUT>(a, 4), num(a, 5), num(a, 6), num(a, 7), num(a, 8), flt(a, 9));           \
    }}
+#define GEMV(NAME, OUT)                                                                      \
+  {#NAME, [](const Args& a) {                                                                \
+     NAME(buf<uint8_t>(a, 0), buf<int8_t>(a, 1), buf<float>(a, 2), buf<int32_t>(a, 3),       \
+          buf<OUT>(a, 4), buf<OUT>(a, 5), num(a, 6), num(a, 7), num(a, 8), num(a, 9),        \
+          num(a, 10), num(a, 11), flt(a, 12), flt(a, 13), flt(a, 14));                       \
+   }}
+#define RMS_NORM(NAME, T)                                                                    \
+  {#NAME, [](const Args& a) {                                                                \
+     NAME(buf<T>(a, 0), buf<T>(a, 1), buf<int8_t>(a, 2), buf<float>(a, 3), buf<int32_t>(a, 4), \
+          num(a, 5), num(a, 6), flt(a, 7));                                                  \
+   }}
+#define ROPE_KV(NAME, T)                                                                     \
+  {#NAME, [](const Args& a) {                                                                \
+     NAME(buf<T>(a, 0), buf<T>(a, 1), buf<T>(a, 2), num(a, 3), num(a, 4), num(a, 5),         \
+          num(a, 6), num(a, 7));                                                             \
+   }}
+#define ATTENTION(NAME, COMBINE, T)                                                          \
+  {#NAME, [](const Args& a) {                                                                \
+     NAME(buf<T>(a, 0), buf<T>(a, 1), buf<T>(a, 2), buf<T>(a, 3), buf<float>(a, 4),          \
+          num(a, 5), num(a, 6), num(a, 7), num(a, 8), num(a, 9), num(a, 10), flt(a, 11));    \
+   }},                                                                                       \
+  {#COMBINE, [](const Args& a) { COMBINE(buf<float>(a, 0), buf<T>(a, 1), num(a, 2), num(a, 3)); }}
+#define ARGMAX(NAME, T) \
+  {#NAME, [](const Args& a) { NAME(buf<T>(a, 0), buf<uint32_t>(a, 1), num(a, 2)); }}
 #define DEQUANT(NAME, T)                                                                     \
   {#NAME, [](const Args& a) {                                                                \
      NAME(buf<uint8_t>(a, 0), buf<T>(a, 1), num(a, 2), num(a, 3), flt(a, 4));               \
@@ -134,17 +173,36 @@ const std::map<std::string, void (*)(const Args&)> kKernels = {
     QUANTIZE(quantize_i32_f32, float, int32_t),
     QUANTIZE(quantize_i32_bf16, __nv_bfloat16, int32_t),
     QUANTIZE(quantize_i32_f16, __half, int32_t),
-    BITLINEAR(bitlinear_gemv_f32, float),
-    BITLINEAR(bitlinear_gemv_bf16, __nv_bfloat16),
-    BITLINEAR(bitlinear_gemv_f16, __half),
-    BITLINEAR(bitlinear_gemv_i32, int32_t),
-    BITLINEAR(bitlinear_gemm_f32, float),
-    BITLINEAR(bitlinear_gemm_bf16, __nv_bfloat16),
-    BITLINEAR(bitlinear_gemm_f16, __half),
-    BITLINEAR(bitlinear_gemm_i32, int32_t),
+    GEMV(bitlinear_gemv_f32, float),
+    GEMV(bitlinear_gemv_bf16, __nv_bfloat16),
+    GEMV(bitlinear_gemv_f16, __half),
+    GEMV(bitlinear_gemv_i32, int32_t),
+    GEMV(bitlinear_gemv1_f32, float),
+    GEMV(bitlinear_gemv1_bf16, __nv_bfloat16),
+    GEMV(bitlinear_gemv1_f16, __half),
+    GEMV(bitlinear_gemv1_i32, int32_t),
+    GEMM(bitlinear_gemm_f32, float),
+    GEMM(bitlinear_gemm_bf16, __nv_bfloat16),
+    GEMM(bitlinear_gemm_f16, __half),
+    GEMM(bitlinear_gemm_i32, int32_t),
     DEQUANT(dequant_f32, float),
     DEQUANT(dequant_bf16, __nv_bfloat16),
     DEQUANT(dequant_f16, __half),
+    RMS_NORM(rms_norm_quantize_f32, float),
+    RMS_NORM(rms_norm_quantize_bf16, __nv_bfloat16),
+    RMS_NORM(rms_norm_quantize_f16, __half),
+    RMS_NORM(relu2_rms_norm_quantize_f32, float),
+    RMS_NORM(relu2_rms_norm_quantize_bf16, __nv_bfloat16),
+    RMS_NORM(relu2_rms_norm_quantize_f16, __half),
+    ROPE_KV(rope_kv_append_f32, float),
+    ROPE_KV(rope_kv_append_bf16, __nv_bfloat16),
+    ROPE_KV(rope_kv_append_f16, __half),
+    ATTENTION(attention_decode_f32, attention_combine_f32, float),
+    ATTENTION(attention_decode_bf16, attention_combine_bf16, __nv_bfloat16),
+    ATTENTION(attention_decode_f16, attention_combine_f16, __half),
+    ARGMAX(argmax_f32, float),
+    ARGMAX(argmax_bf16, __nv_bfloat16),
+    ARGMAX(argmax_f16, __half),
 };
 
 }  // namespace

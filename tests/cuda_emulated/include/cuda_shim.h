@@ -14,6 +14,7 @@
 // conversion intrinsics the kernels use, and 16-byte uint4/int4 loads, which abort when not
 // 16-byte aligned, as they would fault on the GPU. The driver puts a guard page right after
 // each buffer, so reading or writing past its end crashes.
+// expf is the host's (the device's differs by an ulp or two: the attention test has a tolerance).
 // Not emulated: the GPU memory model (a barrier here orders all memory), warps in lockstep
 // (lanes only meet at shuffles; a shuffle or __syncthreads that not all threads reach hangs,
 // which the test turns into a timeout), shared memory starting as garbage (it keeps the
@@ -22,7 +23,7 @@
 // (a kernel using one fails to compile here: the signal to add it).
 #pragma once
 
-#include <math.h>  // fabsf, fmaxf, fminf, rintf: the host versions round like the device ones
+#include <math.h>  // fabsf, fmaxf, fminf, rintf, sqrtf: round like the device ones; expf, fmaf
 #include <stdint.h>
 #include <string.h>
 
@@ -42,13 +43,20 @@ extern dim3 blockDim, gridDim;
 
 void shim_fail(const char* what);  // prints `what` and aborts
 
-// uint4/int4. A kernel's `*reinterpret_cast<const uint4*>(p)` lands in the copy constructor,
-// which checks the 16-byte alignment that the GPU requires before it reads anything. (Not
+// uint4/int4. A kernel's `*reinterpret_cast<const uint4*>(p)` lands in the copy constructor
+// or assignment, which checks the 16-byte alignment that the GPU requires before it reads anything. (Not
 // alignas(16): the host compiler could then emit aligned loads that crash before the check.)
 template <typename T>
 struct vec4 {
   T x, y, z, w;
+  vec4() = default;
   vec4(T x, T y, T z, T w) : x(x), y(y), z(z), w(w) {}
+  // From a temporary (make_uint4, a function's result): not a memory load, nothing to check.
+  vec4(vec4&& o) : x(o.x), y(o.y), z(o.z), w(o.w) {}
+  vec4& operator=(vec4&& o) {
+    x = o.x, y = o.y, z = o.z, w = o.w;
+    return *this;
+  }
   vec4(const vec4& o) { *this = o; }
   vec4& operator=(const vec4& o) {
     if (reinterpret_cast<uintptr_t>(&o) % 16 != 0) {
@@ -109,8 +117,11 @@ inline __half __float2half_rn(float f) {
 }
 
 // Single IEEE operations; the test compiles with -ffp-contract=off so nothing fuses them.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fsqrt_rn(float a) { return sqrtf(a); }
 inline float __int2float_rn(int v) { return float(v); }
 
 // c + the dot product of the four signed bytes of a and of b.
