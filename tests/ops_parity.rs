@@ -206,6 +206,30 @@ fn rms_norm_fused_with_quantization_matches_the_norm_then_bitlinear() -> Result<
 }
 
 #[test]
+fn decode_walks_several_tiles_at_once_bit_for_bit() -> Result<()> {
+    // One thread: four tasks of five 64-row tiles each (18 tiles, the last partial), so one
+    // token streams 4 tiles and then 1, two tokens 2 + 2 + 1, at a real row length.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .map_err(candle_core::Error::wrap)?;
+    let mut rng = StdRng::seed_from_u64(12);
+    let (k, out) = (2568, 1100);
+    for n in [1, 2, 3] {
+        let case = Case::random(&mut rng, n, k, out)?;
+        let want = bits(&case.reference());
+        let acts = QuantizedRows::new(&case.x, n, k);
+        let tiles = TernaryTiles::from_packed(&case.packed, k, out)?;
+        for &kernel in Kernel::available() {
+            let mut y = vec![f32::NAN; n * out];
+            pool.install(|| bitlinear_with(kernel, &acts, &tiles, case.w_div, &mut y))?;
+            assert_eq!(bits(&y), want, "{kernel:?} rows {n}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn bitlinear_with_refuses_mismatched_shapes() -> Result<()> {
     let acts = QuantizedRows::new(&[1.0; 6], 2, 3);
     let tiles = TernaryTiles::from_packed(&[0b01_01_01_01; 3], 3, 4)?;
