@@ -74,6 +74,7 @@ async fn complete(
         shape,
         started,
         last_token: None,
+        tokens: 0,
         chars: 0,
         running: Running {
             engine: ready.engine.clone(),
@@ -143,9 +144,19 @@ struct Relay {
     shape: Shape,
     started: Instant,
     last_token: Option<Instant>,
+    tokens: usize,
     /// Characters of text so far: completions' `text_offset`.
     chars: usize,
     running: Running,
+}
+
+/// A relay dropped before its last event: the client went away, `running` cancels.
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if !self.running.finished {
+            self.log_end("cancelled", self.tokens);
+        }
+    }
 }
 
 impl Relay {
@@ -160,6 +171,7 @@ impl Relay {
                         .record(now.duration_since(last)),
                 }
                 self.last_token = Some(now);
+                self.tokens += 1;
                 metrics::counter!(m::GENERATED_TOKENS).increment(1);
                 let logprobs = logprob.filter(|_| self.shape.logprobs.is_some()).map(|lp| {
                     let mut l = Logprobs::default();
