@@ -3,13 +3,13 @@
 //!
 //! Machines here are shared and noisy, so absolute numbers move and ratios hold: the ternary
 //! model ([`crate::synthetic`]), the same model with its projections expanded to dense floats
-//! ([`BitnetForCausalLM::to_dense`]: f32 on the CPU, bf16 on CUDA) and a large memory copy all
+//! ([`BitnetModel::to_dense`]: f32 on the CPU, bf16 on CUDA) and a large memory copy all
 //! run in the same process. Decode at batch 1 reads every weight once per token, so its ceiling
 //! is `bandwidth ÷ bytes per token`; the report prints decode as a fraction of that ceiling.
 
+use crate::model::{BitnetModel, Logits};
 use crate::synthetic;
-use crate::BitnetForCausalLM;
-use candle_core::{bail, DType, Device, Result, Tensor, D};
+use candle_core::{bail, DType, Device, Result, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -108,7 +108,7 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
     let bar = progress_bar((tokens_per_model * (1 + opts.dense as usize)) as u64)?;
 
     bar.set_message("building ternary model");
-    let mut model = synthetic::build(&cfg, opts.seed, dtype, device)?;
+    let model = synthetic::build(&cfg, opts.seed, dtype, device)?;
     let (ternary_weights, packed_bytes) = model.bitlinears().iter().fold((0, 0), |(n, b), l| {
         (n + l.in_features() * l.out_features(), b + l.weight_bytes())
     });
@@ -116,7 +116,7 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
     let ternary_bits_per_weight =
         8.0 * (packed_bytes + 4 * model.bitlinears().len()) as f64 / ternary_weights as f64;
     let float_bytes = FloatBytes::new(&cfg, ternary_weights, dtype, device);
-    let ternary = measure(&mut model, opts, &float_bytes, &bar, "ternary")?;
+    let ternary = measure(&model, opts, &float_bytes, &bar, "ternary")?;
     let peak_rss_bytes = peak_rss();
 
     bar.set_message("measuring copy bandwidth");
@@ -124,9 +124,9 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
 
     let dense = if opts.dense {
         bar.set_message(format!("building dense {dtype:?} model"));
-        let mut dense = model.to_dense(dtype)?;
+        let dense = model.to_dense(dtype)?;
         drop(model);
-        Some(measure(&mut dense, opts, &float_bytes, &bar, "dense")?)
+        Some(measure(&dense, opts, &float_bytes, &bar, "dense")?)
     } else {
         None
     };
@@ -198,23 +198,19 @@ fn progress_bar(len: u64) -> Result<ProgressBar> {
 
 /// Prefill at every prompt length (longest first), then decode after the shortest prompt.
 fn measure(
-    model: &mut BitnetForCausalLM,
+    model: &BitnetModel,
     opts: &BenchOptions,
     float_bytes: &FloatBytes,
     bar: &ProgressBar,
     label: &str,
 ) -> Result<Throughput> {
-    let dev = model.device().clone();
     let vocab = model.vocab_size();
-    let prompt = |len: usize| -> Result<Tensor> {
-        let ids = synthetic::token_ids(len, vocab, opts.seed ^ len as u64);
-        Tensor::from_vec(ids, (1, len), &dev)
-    };
+    let prompt = |len: usize| synthetic::token_ids(len, vocab, opts.seed ^ len as u64);
+    let mut cache = model.new_kv_cache();
     // Warm-up: thread pools, first-touch page faults, kernel loading.
     bar.set_message(format!("{label}: warm-up"));
-    model.clear_kv_cache();
-    let mut token = next_token(&model.forward(&prompt(8)?, 0)?)?;
-    next_token(&model.forward(&Tensor::new(&[[token]], &dev)?, 8)?)?;
+    let mut token = next_token(&model.forward(&prompt(8), &mut cache, Logits::Last)?)?;
+    next_token(&model.forward(&[token], &mut cache, Logits::Last)?)?;
 
     let mut lens = opts.prompt_lens.clone();
     lens.sort_unstable_by(|a, b| b.cmp(a));
@@ -222,24 +218,22 @@ fn measure(
     let mut prefill_tokens_per_s = BTreeMap::new();
     for &len in &lens {
         bar.set_message(format!("{label}: prefill {len}"));
-        model.clear_kv_cache();
-        let ids = prompt(len)?;
+        cache.clear();
+        let ids = prompt(len);
         let start = Instant::now();
-        token = next_token(&model.forward(&ids, 0)?)?;
+        token = next_token(&model.forward(&ids, &mut cache, Logits::Last)?)?;
         prefill_tokens_per_s.insert(len, len as f64 / start.elapsed().as_secs_f64());
         bar.inc(len as u64);
     }
 
     // The cache now holds the shortest prompt.
     bar.set_message(format!("{label}: decode"));
-    let offset = lens.last().copied().unwrap_or(0);
     let start = Instant::now();
-    for pos in offset..offset + opts.decode_tokens {
-        token = next_token(&model.forward(&Tensor::new(&[[token]], &dev)?, pos)?)?;
+    for _ in 0..opts.decode_tokens {
+        token = next_token(&model.forward(&[token], &mut cache, Logits::Last)?)?;
         bar.inc(1);
     }
     let decode_tokens_per_s = opts.decode_tokens as f64 / start.elapsed().as_secs_f64();
-    model.clear_kv_cache();
 
     let linear_bytes: usize = model.bitlinears().iter().map(|l| l.weight_bytes()).sum();
     Ok(Throughput {
@@ -250,13 +244,10 @@ fn measure(
     })
 }
 
-/// Greedy next token from `(1, vocab)` logits; reading it back also waits for the device.
+/// Greedy next token from `(vocab,)` logits; reading them back also waits for the device.
 fn next_token(logits: &Tensor) -> Result<u32> {
-    let ids = logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
-    match ids.first() {
-        Some(&id) => Ok(id),
-        None => bail!("empty logits"),
-    }
+    crate::generate::argmax(&logits.to_vec1::<f32>()?)
+        .ok_or_else(|| candle_core::Error::Msg("empty logits".into()))
 }
 
 /// Best of four copies of `bytes` on `device`, in bytes read + written per second. On the CPU

@@ -38,7 +38,7 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
-    #[error(transparent)]
+    #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -94,6 +94,17 @@ impl Error {
                 message: other.to_string(),
             },
         }
+    }
+}
+
+/// A candle error's text without the backtrace candle captures under `RUST_BACKTRACE`.
+fn candle_message(e: &candle_core::Error) -> String {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => candle_message(inner),
+        E::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        E::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
+        e => e.to_string(),
     }
 }
 

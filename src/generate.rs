@@ -9,14 +9,15 @@
 //!   plus min-p and a windowed repeat penalty; defaults come from `generation_config.json`.
 //! - Generation stops on every EOS id of `generation_config.json` (2B-4T: 128001, 128009).
 
+use crate::engine::{run_single, Event, FinishReason, Request};
 use crate::hub::ModelFiles;
-use crate::{device, weights, BitnetForCausalLM, Config};
-use candle_core::{bail, Device, Error, Result, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::utils::apply_repeat_penalty;
+use crate::model::{BitnetModel, KvCache, LoadOptions};
+use crate::{fail, Error, Result};
+use crate::{weights, Config};
+use candle_core::{bail, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::time::Instant;
+use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 /// Sampling and stopping settings of one generation.
@@ -67,43 +68,7 @@ impl Default for GenerationParams {
 
 impl GenerationParams {
     pub fn validate(&self) -> Result<()> {
-        let Self {
-            temperature: t,
-            top_k,
-            top_p,
-            min_p,
-            repeat_penalty: r,
-            ..
-        } = self;
-        if !(t.is_finite() && *t >= 0.0) {
-            bail!("temperature must be ≥ 0, got {t}")
-        }
-        if *top_k == Some(0) {
-            bail!("top-k must be ≥ 1")
-        }
-        if let Some(p) = top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
-            bail!("top-p must be in (0, 1], got {p}")
-        }
-        if let Some(p) = min_p.filter(|p| !(0.0..=1.0).contains(p)) {
-            bail!("min-p must be in [0, 1], got {p}")
-        }
-        if !(r.is_finite() && *r > 0.0) {
-            bail!("repeat penalty must be > 0, got {r}")
-        }
-        Ok(())
-    }
-
-    fn sampling(&self) -> Sampling {
-        let temperature = self.temperature;
-        if temperature < 1e-7 {
-            return Sampling::ArgMax;
-        }
-        match (self.top_k, self.top_p.filter(|p| *p < 1.0)) {
-            (None, None) => Sampling::All { temperature },
-            (Some(k), None) => Sampling::TopK { k, temperature },
-            (None, Some(p)) => Sampling::TopP { p, temperature },
-            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
-        }
+        self.sampling_params(0).validate()
     }
 }
 
@@ -123,9 +88,9 @@ struct GenerationConfig {
 impl GenerationConfig {
     fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Msg(format!("cannot read {}: {e}", path.display())))?;
+            .map_err(|e| Error::model(format!("cannot read {}: {e}", path.display())))?;
         serde_json::from_str(&text)
-            .map_err(|e| Error::Msg(format!("invalid {}: {e}", path.display())))
+            .map_err(|e| Error::model(format!("invalid {}: {e}", path.display())))
     }
 
     /// Like `transformers`: sampling settings apply only when `do_sample` is true.
@@ -178,11 +143,11 @@ pub struct ChatTemplate {
 
 impl ChatTemplate {
     /// `None` when the file has no `chat_template`.
-    pub fn from_tokenizer_config(path: &Path) -> Result<Option<Self>> {
+    pub fn from_tokenizer_config(path: &Path) -> candle_core::Result<Option<Self>> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Msg(format!("cannot read {}: {e}", path.display())))?;
+            .map_err(|e| candle_core::Error::Msg(format!("cannot read {}: {e}", path.display())))?;
         let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Msg(format!("invalid {}: {e}", path.display())))?;
+            .map_err(|e| candle_core::Error::Msg(format!("invalid {}: {e}", path.display())))?;
         // A plain string, or (newer configs) a list of named templates.
         let source = match &json["chat_template"] {
             serde_json::Value::String(s) => s.clone(),
@@ -209,7 +174,7 @@ impl ChatTemplate {
 
     /// Compiles `source` with the Jinja settings `transformers` uses (trim and lstrip blocks,
     /// `raise_exception`).
-    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> candle_core::Result<Self> {
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -223,7 +188,7 @@ impl ChatTemplate {
             },
         );
         env.add_template_owned("chat", source.to_string())
-            .map_err(|e| Error::Msg(format!("invalid chat template: {e}")))?;
+            .map_err(|e| candle_core::Error::Msg(format!("invalid chat template: {e}")))?;
         Ok(Self {
             env,
             bos_token: bos_token.into(),
@@ -231,7 +196,11 @@ impl ChatTemplate {
         })
     }
 
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> candle_core::Result<String> {
         let render = || {
             self.env.get_template("chat")?.render(minijinja::context! {
                 messages => messages,
@@ -240,7 +209,8 @@ impl ChatTemplate {
                 add_generation_prompt => add_generation_prompt,
             })
         };
-        render().map_err(|e| Error::Msg(format!("cannot render the chat template: {e}")))
+        render()
+            .map_err(|e| candle_core::Error::Msg(format!("cannot render the chat template: {e}")))
     }
 }
 
@@ -250,56 +220,83 @@ impl ChatTemplate {
 /// has at most 4 bytes; longer runs are invalid bytes and are let through as U+FFFD).
 pub struct TokenOutputStream<'a> {
     tokenizer: &'a Tokenizer,
-    tokens: Vec<u32>,
-    /// `tokens[prev..current]` were emitted and are kept as decoding context for the next piece.
-    prev: usize,
-    current: usize,
+    state: Detokenizer,
 }
 
 impl<'a> TokenOutputStream<'a> {
     pub fn new(tokenizer: &'a Tokenizer) -> Self {
         Self {
             tokenizer,
-            tokens: vec![],
-            prev: 0,
-            current: 0,
+            state: Detokenizer::default(),
         }
-    }
-
-    fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, true)
-            .map_err(|e| Error::Msg(format!("cannot decode tokens: {e}")))
     }
 
     /// The text `id` completes, if any.
     pub fn next_token(&mut self, id: u32) -> Result<Option<String>> {
-        self.tokens.push(id);
-        let pending = self.tokens.len() - self.current;
-        let text = self.decode(&self.tokens[self.prev..])?;
-        if text.ends_with(char::REPLACEMENT_CHARACTER) && pending < 4 {
-            return Ok(None);
-        }
-        let piece = self.piece(&text)?;
-        self.prev = self.current;
-        self.current = self.tokens.len();
-        Ok(piece)
+        self.state.next_token(self.tokenizer, id)
     }
 
     /// Whatever is still held back (an incomplete character at the end of the output).
     pub fn flush(&mut self) -> Result<Option<String>> {
-        let text = self.decode(&self.tokens[self.prev..])?;
-        let piece = self.piece(&text)?;
-        self.prev = self.current;
-        self.current = self.tokens.len();
-        Ok(piece)
+        self.state.flush(self.tokenizer)
     }
 
-    fn piece(&self, text: &str) -> Result<Option<String>> {
-        let emitted = self.decode(&self.tokens[self.prev..self.current])?;
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        decode(self.tokenizer, ids)
+    }
+}
+
+/// [`TokenOutputStream`]'s state, for owners that keep the tokenizer elsewhere.
+#[derive(Debug, Clone, Default)]
+pub struct Detokenizer {
+    tokens: Vec<u32>,
+    /// `tokens[prev..current]` were emitted and are kept as decoding context for the next piece.
+    prev: usize,
+    current: usize,
+}
+
+impl Detokenizer {
+    pub fn next_token(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<Option<String>> {
+        self.tokens.push(id);
+        let pending = self.tokens.len() - self.current;
+        let text = decode(tokenizer, &self.tokens[self.prev..])?;
+        if text.ends_with(char::REPLACEMENT_CHARACTER) && pending < 4 {
+            return Ok(None);
+        }
+        self.advance(tokenizer, &text)
+    }
+
+    pub fn flush(&mut self, tokenizer: &Tokenizer) -> Result<Option<String>> {
+        let text = decode(tokenizer, &self.tokens[self.prev..])?;
+        self.advance(tokenizer, &text)
+    }
+
+    /// The part of `text` (the decoding of `tokens[prev..]`) not emitted yet.
+    fn advance(&mut self, tokenizer: &Tokenizer, text: &str) -> Result<Option<String>> {
+        let emitted = decode(tokenizer, &self.tokens[self.prev..self.current])?;
         let start = emitted.len();
+        self.prev = self.current;
+        self.current = self.tokens.len();
         Ok((text.len() > start && text.is_char_boundary(start)).then(|| text[start..].to_string()))
     }
+}
+
+fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
+    tokenizer
+        .decode(ids, true)
+        .map_err(|e| Error::internal(format!("cannot decode tokens: {e}")))
+}
+
+/// The index of the first maximum (greedy decoding picks the first of equal logits, as torch
+/// does), or `None` when empty.
+pub fn argmax(values: &[f32]) -> Option<u32> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in values.iter().enumerate() {
+        if best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map(|(i, _)| i as u32)
 }
 
 /// Why a generation ended.
@@ -350,13 +347,15 @@ fn rate(tokens: usize, secs: f64) -> f64 {
 
 /// A loaded model with its tokenizer, chat template and generation defaults.
 pub struct Generator {
-    model: BitnetForCausalLM,
-    tokenizer: Tokenizer,
+    model: Arc<BitnetModel>,
+    tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
     eos_token_ids: Vec<u32>,
     defaults: GenerationParams,
     name: String,
-    /// The tokens whose keys and values are in the model's KV cache, in order.
+    /// Keys and values of `cached`, kept across calls (chat turns).
+    cache: KvCache,
+    /// The tokens whose keys and values are in `cache`, in order.
     cached: Vec<u32>,
     /// The last chat turn, to continue from the tokens the model produced.
     last_turn: Option<Turn>,
@@ -381,10 +380,15 @@ impl Generator {
 
     /// Loads resolved files onto `device`, in [`device::compute_dtype`].
     pub fn load(files: &ModelFiles, device: &Device) -> Result<Self> {
+        Self::load_with(files, &LoadOptions::new(device))
+    }
+
+    /// Loads resolved files as `opts` says.
+    pub fn load_with(files: &ModelFiles, opts: &LoadOptions) -> Result<Self> {
         let cfg = Config::from_file(&files.config)?;
         // Tokenizer first: a broken one should fail before gigabytes of weights are mapped.
         let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| {
-            Error::Msg(format!(
+            Error::model(format!(
                 "cannot load tokenizer {}: {e}",
                 files.tokenizer.display()
             ))
@@ -402,11 +406,11 @@ impl Generator {
             Some(crate::config::EosTokenId::Multiple(ids)) => ids.clone(),
             None => cfg.eos_token_ids(),
         };
-        let dtype = device::compute_dtype(device);
-        let model = weights::load_model(&cfg, &files.weights, dtype, device)?;
+        let model = weights::load_model(&cfg, &files.weights, opts)?;
         Ok(Self {
-            model,
-            tokenizer,
+            cache: model.new_kv_cache(),
+            model: Arc::new(model),
+            tokenizer: Arc::new(tokenizer),
             template,
             eos_token_ids,
             defaults: gen_cfg.params(),
@@ -426,8 +430,16 @@ impl Generator {
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
-    pub fn model(&self) -> &BitnetForCausalLM {
+    pub fn shared_tokenizer(&self) -> Arc<Tokenizer> {
+        self.tokenizer.clone()
+    }
+    /// The shared weights.
+    pub fn model(&self) -> &Arc<BitnetModel> {
         &self.model
+    }
+    /// Positions the model can hold: prompt + generated tokens.
+    pub fn context_len(&self) -> usize {
+        self.model.max_position_embeddings()
     }
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.template.as_ref()
@@ -447,24 +459,25 @@ impl Generator {
 
     fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         if text.is_empty() {
-            bail!("the prompt is empty")
+            fail!(Input, "the prompt is empty")
         }
         let enc = self
             .tokenizer
             .encode(text, add_special_tokens)
-            .map_err(|e| Error::Msg(format!("cannot tokenize the prompt: {e}")))?;
+            .map_err(|e| Error::input(format!("cannot tokenize the prompt: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        TokenOutputStream::new(&self.tokenizer).decode(ids)
+        decode(&self.tokenizer, ids)
     }
 
     /// The chat template applied to `messages`, ending with the assistant's turn, tokenized
     /// without added special tokens (the template writes them).
     pub fn chat_prompt_ids(&self, messages: &[Message]) -> Result<Vec<u32>> {
         let Some(template) = &self.template else {
-            bail!(
+            fail!(
+                Input,
                 "{} has no chat_template in tokenizer_config.json",
                 self.name
             )
@@ -552,7 +565,7 @@ impl Generator {
 
     /// Forgets the KV cache (a new conversation).
     pub fn reset(&mut self) {
-        self.model.clear_kv_cache();
+        self.cache.clear();
         self.cached.clear();
         self.last_turn = None;
     }
@@ -573,20 +586,21 @@ impl Generator {
 
     fn check_prompt(&self, ids: &[u32], params: &GenerationParams) -> Result<usize> {
         if ids.is_empty() {
-            bail!("the prompt is empty")
+            fail!(Input, "the prompt is empty")
         }
         let vocab = self.model.vocab_size();
         if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            bail!("prompt token id {id} is out of range: the vocabulary has {vocab} tokens (0..{vocab})")
+            fail!(Input, "prompt token id {id} is out of range: the vocabulary has {vocab} tokens (0..{vocab})")
         }
         let ctx = self.model.max_position_embeddings();
         let (n, max) = (ids.len(), params.max_tokens);
-        if n + max <= ctx {
+        if n.saturating_add(max) <= ctx {
             Ok(max)
         } else if params.truncate && n < ctx {
             Ok(ctx - n)
         } else {
-            bail!(
+            fail!(
+                Input,
                 "the prompt ({n} tokens) + max-tokens ({max}) exceeds the model's context of {ctx} positions; lower --max-tokens, shorten the prompt, or pass --truncate to stop when the context is full"
             )
         }
@@ -601,112 +615,67 @@ impl Generator {
         params.validate()?;
         let max_new = self.check_prompt(ids, params)?;
         // Reuse the cache only when it is a strict prefix of the new prompt: it cannot be cut.
-        let reused = self.cached.len();
-        let start = if !params.prompt_logits && reused < ids.len() && ids.starts_with(&self.cached)
+        if params.prompt_logits || self.cached.len() >= ids.len() || !ids.starts_with(&self.cached)
         {
-            reused
-        } else {
             self.reset();
-            0
-        };
-        let device = self.model.device().clone();
-        let t0 = Instant::now();
-        let input = Tensor::new(&ids[start..], &device)?.unsqueeze(0)?;
-        let (mut logits, prompt_logits) = if params.prompt_logits {
-            let all = self.model.forward_all(&input, start)?.squeeze(0)?; // (seq, vocab)
-            (all.get(all.dim(0)? - 1)?, Some(all))
-        } else {
-            (self.model.forward(&input, start)?.squeeze(0)?, None) // (vocab)
-        };
-        self.cached.extend_from_slice(&ids[start..]);
-        device.synchronize()?;
-        let mut prefill_secs = t0.elapsed().as_secs_f64();
-
-        let seed = params.seed.unwrap_or_else(clock_seed);
-        let mut sampler = LogitsProcessor::from_sampling(seed, params.sampling());
-        let mut stream = TokenOutputStream::new(&self.tokenizer);
-        let mut history = ids.to_vec();
-        let mut generated = vec![];
-        let mut stop = if max_new < params.max_tokens {
-            StopReason::ContextFull
-        } else {
-            StopReason::MaxTokens
-        };
-        let mut t_decode = Instant::now();
-        let mut decode_tokens = 0;
-        while generated.len() < max_new {
-            let next = sample(&mut sampler, &logits, params, &history)?;
-            if generated.is_empty() {
-                // The first token comes from the prefill's logits.
-                prefill_secs += t_decode.elapsed().as_secs_f64();
-                t_decode = Instant::now();
-            }
-            if !params.ignore_eos && self.eos_token_ids.contains(&next) {
-                stop = StopReason::Eos;
-                break;
-            }
-            generated.push(next);
-            history.push(next);
-            if let Some(piece) = stream.next_token(next)? {
-                on_text(&piece)?;
-            }
-            // The last token is never fed: nothing would read its logits.
-            if generated.len() == max_new {
-                break;
-            }
-            let pos = self.cached.len();
-            let input = Tensor::new(&[next], &device)?.unsqueeze(0)?;
-            logits = self.model.forward(&input, pos)?.squeeze(0)?;
-            self.cached.push(next);
-            decode_tokens += 1;
         }
-        if let Some(piece) = stream.flush()? {
-            on_text(&piece)?;
+        let request = Request {
+            prompt_ids: ids.to_vec(),
+            sampling: params.sampling_params(params.seed.unwrap_or_else(clock_seed)),
+            max_tokens: max_new,
+            stop_token_ids: match params.ignore_eos {
+                true => vec![],
+                false => self.eos_token_ids.clone(),
+            },
+            stop_strings: vec![],
+            logprobs: None,
+        };
+        let mut failure = None;
+        let sink = |event: Event| {
+            let (text, error) = match event {
+                Event::Token { text, .. } | Event::Finished { text, .. } => (text, None),
+                Event::Failed(e) => (String::new(), Some(e)),
+            };
+            let error = error.or_else(|| {
+                (!text.is_empty())
+                    .then(|| on_text(&text))
+                    .and_then(Result::err)
+            });
+            let ok = error.is_none();
+            failure = failure.take().or(error);
+            ok
+        };
+        let cache = std::mem::replace(&mut self.cache, self.model.new_kv_cache());
+        let run = run_single(
+            &self.model,
+            &self.tokenizer,
+            request,
+            cache,
+            params.prompt_logits,
+            sink,
+        )?;
+        if let Some(e) = failure {
+            return Err(e);
         }
-        let decode_secs = if decode_tokens > 0 {
-            t_decode.elapsed().as_secs_f64()
-        } else {
-            0.0
+        self.cached = [ids, &run.generated].concat();
+        self.cached.truncate(run.cache.len());
+        self.cache = run.cache;
+        let stop = match run.finish {
+            FinishReason::Eos => StopReason::Eos,
+            _ if max_new < params.max_tokens => StopReason::ContextFull,
+            _ => StopReason::MaxTokens,
         };
         Ok(Generation {
             prompt_ids: ids.to_vec(),
-            text: self.decode(&generated)?,
-            generated_ids: generated,
+            text: self.decode(&run.generated)?,
+            generated_ids: run.generated,
             stop,
-            prefill_tokens: ids.len() - start,
-            prefill_secs,
-            decode_tokens,
-            decode_secs,
-            prompt_logits,
+            prefill_tokens: run.prefill_tokens,
+            prefill_secs: run.prefill_secs,
+            decode_tokens: run.decode_steps,
+            decode_secs: run.decode_secs,
+            prompt_logits: run.prompt_logits,
         })
-    }
-}
-
-/// One token from `logits` (vocab,) f32: repeat penalty over the window, then min-p and the
-/// sampler's temperature / top-k / top-p.
-fn sample(
-    sampler: &mut LogitsProcessor,
-    logits: &Tensor,
-    params: &GenerationParams,
-    history: &[u32],
-) -> Result<u32> {
-    let logits = if params.repeat_penalty != 1.0 {
-        let window = &history[history.len().saturating_sub(params.repeat_last_n)..];
-        apply_repeat_penalty(logits, params.repeat_penalty, window)?
-    } else {
-        logits.clone()
-    };
-    match params.min_p.filter(|p| *p > 0.0) {
-        // Probabilities after temperature; relative to the maximum, so the order with top-k /
-        // top-p (which keep the most likely tokens) does not matter.
-        Some(min_p) => sampler.sample_f(&logits, |prs| {
-            let max = prs.iter().copied().fold(0f32, f32::max);
-            let floor = min_p as f32 * max;
-            prs.iter_mut()
-                .filter(|p| **p < floor)
-                .for_each(|p| *p = 0.0);
-        }),
-        None => sampler.sample(&logits),
     }
 }
 

@@ -10,7 +10,9 @@
 //! - [`quant`]: the pure-Rust reference arithmetic and the packed layout (documented there).
 //! - [`ops`]: the BitLinear custom op (CPU kernels, CUDA kernels).
 //! - [`bitlinear`]: the `BitLinear` layer; [`norm`]: RMSNorm in transformers' order;
-//!   [`model`]: the causal LM.
+//!   [`model`]: the causal LM ([`BitnetModel`]: shared weights; [`KvCache`]: one sequence's
+//!   state; [`BitnetForCausalLM`]: the candle-transformers-style wrapper).
+//! - [`engine`]: many sequences at once, continuous batching ([`Engine`]).
 //! - [`weights`]: memory-mapped, validating safetensors loading.
 //! - [`hub`]: model files from a directory or the Hugging Face hub cache; [`device`]: device
 //!   and compute dtype; [`generate`]: tokenizer, chat template, sampling, streaming ([`Generator`]).
@@ -22,6 +24,7 @@ pub mod bench;
 pub mod bitlinear;
 pub mod config;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod hub;
@@ -35,7 +38,10 @@ pub mod weights;
 
 pub use bitlinear::BitLinear;
 pub use config::Config;
+pub use engine::{
+    Engine, EngineHandle, EngineOptions, Event, FinishReason, Request, SamplingParams,
+};
 pub use error::{Context, Error, ErrorKind, Result};
 pub use generate::{GenerationParams, Generator, Message};
 pub use hub::ModelFiles;
-pub use model::BitnetForCausalLM;
+pub use model::{BitnetForCausalLM, BitnetModel, KvCache, LoadOptions, Logits};

@@ -10,12 +10,11 @@ use crate::bitlinear::BitLinear;
 use crate::config::Config;
 use crate::norm::RmsNorm;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
-use candle_nn::kv_cache::KvCache;
 use candle_nn::{Activation, Embedding, Init, VarBuilder};
 use std::sync::Arc;
 
-/// Initial KV-cache capacity in positions; the cache grows by this much when full.
-const KV_CACHE_CHUNK: usize = 512;
+/// KV-cache capacity is allocated in steps of this many positions.
+const KV_CACHE_CHUNK: usize = 256;
 
 #[derive(Debug, Clone)]
 struct RotaryEmbedding {
@@ -44,7 +43,7 @@ impl RotaryEmbedding {
         })
     }
 
-    /// Half-split ("rotate_half") rotary embedding of `q`, `k`: `(b, heads, seq, head_dim)`.
+    /// Half-split ("rotate_half") rotary embedding of `q`, `k`: `(1, heads, seq, head_dim)`.
     fn apply(&self, q: &Tensor, k: &Tensor, offset: usize) -> Result<(Tensor, Tensor)> {
         let seq_len = q.dim(2)?;
         let cos = self.cos.narrow(0, offset, seq_len)?;
@@ -53,6 +52,122 @@ impl RotaryEmbedding {
         let k = candle_nn::rotary_emb::rope(&k.contiguous()?, &cos, &sin)?;
         Ok((q, k))
     }
+}
+
+/// How to load a model: where, in which dtype, and the head's precision.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Norms, embeddings and activations; `None` picks [`crate::device::compute_dtype`].
+    pub dtype: Option<DType>,
+    pub head: HeadDtype,
+}
+
+/// The precision of the embedding and LM head (the largest matrix a decoded token reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeadDtype {
+    /// bf16 when the checkpoint stores bf16 and the CPU computes in f32 (exact: bf16 holds
+    /// those values, and the head streams half the bytes); otherwise the compute dtype.
+    #[default]
+    Auto,
+    /// The compute dtype.
+    Compute,
+}
+
+impl LoadOptions {
+    pub fn new(device: &Device) -> Self {
+        Self {
+            device: device.clone(),
+            dtype: None,
+            head: HeadDtype::Auto,
+        }
+    }
+
+    pub fn compute_dtype(&self) -> DType {
+        self.dtype
+            .unwrap_or_else(|| crate::device::compute_dtype(&self.device))
+    }
+
+    /// The dtype to hold the embedding and head in, given the dtype they are stored in.
+    pub fn head_dtype(&self, stored: DType) -> DType {
+        let compute = self.compute_dtype();
+        match self.head {
+            HeadDtype::Auto
+                if self.device.is_cpu() && compute == DType::F32 && stored == DType::BF16 =>
+            {
+                DType::BF16
+            }
+            HeadDtype::Auto | HeadDtype::Compute => compute,
+        }
+    }
+}
+
+/// One sequence's keys and values for every layer. The caller owns it (one per sequence) and
+/// passes it to each forward; [`BitnetModel::new_kv_cache`] makes an empty one.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    /// Per layer: `(1, kv_heads, capacity, head_dim)` keys and values, filled up to `len`.
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets the positions and keeps the allocation for the next sequence.
+    pub fn clear(&mut self) {
+        self.len = 0
+    }
+
+    /// Bytes allocated for keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Writes `k`, `v`: `(1, kv_heads, t, head_dim)` at positions `len..len + t` of `layer` and
+    /// returns every position so far. The cache grows in place, a chunk at a time.
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let needed = self.len + t;
+        let slot = &mut self.layers[layer];
+        let capacity = slot.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
+        if needed > capacity {
+            let (_, n_kv, _, hd) = k.dims4()?;
+            let new_capacity = needed.next_multiple_of(KV_CACHE_CHUNK);
+            let grown_k = Tensor::zeros((1, n_kv, new_capacity, hd), k.dtype(), k.device())?;
+            let grown_v = Tensor::zeros((1, n_kv, new_capacity, hd), v.dtype(), v.device())?;
+            if let Some((old_k, old_v)) = slot.as_ref() {
+                grown_k.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                grown_v.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            *slot = Some((grown_k, grown_v));
+        }
+        let Some((cache_k, cache_v)) = slot.as_ref() else {
+            bail!("KV cache of layer {layer} was not allocated")
+        };
+        cache_k.slice_set(k, 2, self.len)?;
+        cache_v.slice_set(v, 2, self.len)?;
+        Ok((cache_k.narrow(2, 0, needed)?, cache_v.narrow(2, 0, needed)?))
+    }
+}
+
+/// Where one sequence's rows sit in a batch, and its first position.
+#[derive(Debug, Clone, Copy)]
+struct SeqRows {
+    start: usize,
+    len: usize,
+    offset: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -66,7 +181,6 @@ struct Attention {
     num_kv_heads: usize,
     head_dim: usize,
     rotary: Arc<RotaryEmbedding>,
-    kv_cache: KvCache,
 }
 
 impl Attention {
@@ -92,61 +206,46 @@ impl Attention {
             num_kv_heads: n_kv,
             head_dim: hd,
             rotary,
-            kv_cache: KvCache::new(2, KV_CACHE_CHUNK),
         })
     }
 
-    fn forward(&mut self, x: &Tensor, mask: Option<&Tensor>, offset: usize) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        // (b, t, heads·hd) → (b, heads, t, hd)
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape((b, t, self.num_heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((b, t, self.num_kv_heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, t, self.num_kv_heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let (q, k) = self.rotary.apply(&q, &k, offset)?;
-        let (k, v) = self.kv_cache.append(&k.contiguous()?, &v.contiguous()?)?;
-        let n_rep = self.num_heads / self.num_kv_heads;
-        let total = k.dim(2)?;
-        // Query heads sharing a KV head are adjacent: group them instead of copying K and V
-        // n_rep times. (b, heads, t, hd) → (b, n_kv, n_rep·t, hd)
-        let q = q.reshape((b, self.num_kv_heads, n_rep * t, self.head_dim))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // (b, n_kv, n_rep·t, T), softmax statistics in f32
-        let att = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let att = match mask {
-            // (b, n_kv, n_rep, t, T) + (t, T)
-            Some(mask) => att
-                .reshape((b, self.num_kv_heads, n_rep, t, total))?
-                .broadcast_add(mask)?
-                .reshape((b, self.num_kv_heads, n_rep * t, total))?,
-            None => att,
+    /// `x: (1, rows, hidden)` holding every sequence's rows; each sequence attends over its own
+    /// cache, so its result does not depend on the others in the batch.
+    fn forward(
+        &self,
+        x: &Tensor,
+        seqs: &[SeqRows],
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> Result<Tensor> {
+        // (1, rows, heads·hd), projected once for the whole batch.
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        let ys = seqs
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(s, cache)| {
+                let rows = |t: &Tensor, heads: usize| -> Result<Tensor> {
+                    // (1, t, heads·hd) → (1, heads, t, hd)
+                    t.narrow(1, s.start, s.len)?
+                        .reshape((1, s.len, heads, self.head_dim))?
+                        .transpose(1, 2)
+                };
+                let (q, k) = self.rotary.apply(
+                    &rows(&q, self.num_heads)?,
+                    &rows(&k, self.num_kv_heads)?,
+                    s.offset,
+                )?;
+                let v = rows(&v, self.num_kv_heads)?.contiguous()?;
+                let (k, v) = cache.append(layer, &k.contiguous()?, &v)?;
+                self.attend(&q, &k, &v, s)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let y = match ys.as_slice() {
+            [y] => y.clone(),
+            _ => Tensor::cat(&ys, 1)?,
         };
-        // Normalize after the product with V, like PyTorch's CPU flash attention (what
-        // transformers' sdpa runs): the rounding then matches the reference more often.
-        let exp = att.broadcast_sub(&att.max_keepdim(D::Minus1)?)?.exp()?;
-        let inv_sum = exp.sum_keepdim(D::Minus1)?.recip()?;
-        let y = exp
-            .to_dtype(v.dtype())?
-            .matmul(&v)?
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&inv_sum)?;
-        // (b, n_kv, n_rep·t, hd) → (b, heads, t, hd) → (b, t, heads·hd)
-        let y = y
-            .to_dtype(v.dtype())?
-            .reshape((b, self.num_heads, t, self.head_dim))?
-            .transpose(1, 2)?
-            .reshape((b, t, self.num_heads * self.head_dim))?;
         let y = match &self.attn_sub_norm {
             Some(norm) => norm.forward(&y)?,
             None => y,
@@ -154,8 +253,38 @@ impl Attention {
         self.o_proj.forward(&y)
     }
 
-    fn clear_kv_cache(&mut self) {
-        self.kv_cache.reset()
+    /// `q: (1, heads, t, hd)` against `k`, `v`: `(1, kv_heads, T, hd)` → `(1, t, heads·hd)`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, s: &SeqRows) -> Result<Tensor> {
+        let (t, total) = (s.len, k.dim(2)?);
+        let n_rep = self.num_heads / self.num_kv_heads;
+        // Query heads sharing a KV head are adjacent: group them instead of copying K and V
+        // n_rep times. (1, heads, t, hd) → (1, n_kv, n_rep·t, hd)
+        let q = q.reshape((1, self.num_kv_heads, n_rep * t, self.head_dim))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // (1, n_kv, n_rep·t, T), softmax statistics in f32
+        let att = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let att = if t > 1 {
+            // (1, n_kv, n_rep, t, T) + (t, T)
+            att.reshape((1, self.num_kv_heads, n_rep, t, total))?
+                .broadcast_add(&causal_mask(t, s.offset, q.device())?)?
+                .reshape((1, self.num_kv_heads, n_rep * t, total))?
+        } else {
+            att
+        };
+        // Normalize after the product with V, like PyTorch's CPU flash attention (what
+        // transformers' sdpa runs): the rounding then matches the reference more often.
+        let exp = att.broadcast_sub(&att.max_keepdim(D::Minus1)?)?.exp()?;
+        let inv_sum = exp.sum_keepdim(D::Minus1)?.recip()?;
+        let y = exp
+            .to_dtype(v.dtype())?
+            .matmul(v)?
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&inv_sum)?;
+        // (1, n_kv, n_rep·t, hd) → (1, heads, t, hd) → (1, t, heads·hd)
+        y.to_dtype(v.dtype())?
+            .reshape((1, self.num_heads, t, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((1, t, self.num_heads * self.head_dim))
     }
 }
 
@@ -217,10 +346,16 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&mut self, x: &Tensor, mask: Option<&Tensor>, offset: usize) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        seqs: &[SeqRows],
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> Result<Tensor> {
         let h = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, mask, offset)?;
+            .forward(&self.input_layernorm.forward(x)?, seqs, caches, layer)?;
         let x = (x + h)?;
         let h = self
             .mlp
@@ -229,9 +364,28 @@ impl DecoderLayer {
     }
 }
 
-/// A BitNet b1.58 causal language model holding its KV cache.
+/// Which logits a sequence wants from a forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None (a prompt chunk that does not end the prompt).
+    None,
+    /// The last position's: `(vocab,)`.
+    Last,
+    /// Every position's: `(len, vocab)`.
+    All,
+}
+
+/// One sequence's part of a batched forward: new token ids after what `cache` holds.
+pub struct SeqInput<'a> {
+    pub ids: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub logits: Logits,
+}
+
+/// The weights of a BitNet b1.58 causal LM: immutable, `Send + Sync`, shared (`Arc`) by every
+/// sequence; each sequence's state is its own [`KvCache`].
 #[derive(Debug, Clone)]
-pub struct BitnetForCausalLM {
+pub struct BitnetModel {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -243,26 +397,22 @@ pub struct BitnetForCausalLM {
     device: Device,
 }
 
-impl BitnetForCausalLM {
+impl BitnetModel {
     /// Builds the model from `vb` (rooted at the checkpoint's top level: `model.*`, `lm_head.*`).
     /// Norms, embeddings and the head load in `vb.dtype()`; ternary projections stay packed.
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let dtype = vb.dtype();
-        Self::new_with_embedding_dtype(cfg, vb, dtype)
+        Self::new_with_head_dtype(cfg, vb, dtype)
     }
 
-    /// Like [`Self::new`], with the embedding and head held in `embed_dtype`: see
-    /// [`embedding_dtype`] for the one choice that is both exact and faster.
-    pub fn new_with_embedding_dtype(
-        cfg: &Config,
-        vb: VarBuilder,
-        embed_dtype: DType,
-    ) -> Result<Self> {
+    /// Like [`Self::new`], with the embedding and head held in `head_dtype`
+    /// ([`crate::weights::LoadOptions`] picks it).
+    pub fn new_with_head_dtype(cfg: &Config, vb: VarBuilder, head_dtype: DType) -> Result<Self> {
         cfg.validate()?;
         let vb_m = vb.pp("model");
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed =
-            vb_m.get_with_hints_dtype((v, h), "embed_tokens.weight", Init::Const(0.), embed_dtype)?;
+            vb_m.get_with_hints_dtype((v, h), "embed_tokens.weight", Init::Const(0.), head_dtype)?;
         let rotary = Arc::new(RotaryEmbedding::new(cfg, vb.dtype(), vb.device())?);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, rotary.clone(), vb_m.pp(format!("layers.{i}"))))
@@ -271,7 +421,7 @@ impl BitnetForCausalLM {
         let lm_head = if cfg.tie_word_embeddings {
             embed.clone()
         } else {
-            vb.get_with_hints_dtype((v, h), "lm_head.weight", Init::Const(0.), embed_dtype)?
+            vb.get_with_hints_dtype((v, h), "lm_head.weight", Init::Const(0.), head_dtype)?
         };
         Ok(Self {
             embed_tokens: Embedding::new(embed, cfg.hidden_size),
@@ -289,8 +439,13 @@ impl BitnetForCausalLM {
         &self.device
     }
 
+    /// The compute dtype of norms and activations.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    pub fn head_dtype(&self) -> DType {
+        self.lm_head.dtype()
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -299,6 +454,14 @@ impl BitnetForCausalLM {
 
     pub fn max_position_embeddings(&self) -> usize {
         self.max_position_embeddings
+    }
+
+    /// An empty cache for one sequence; it allocates as positions arrive.
+    pub fn new_kv_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+        }
     }
 
     /// The ternary projections of every layer, in checkpoint order.
@@ -321,10 +484,9 @@ impl BitnetForCausalLM {
     }
 
     /// The same model with every ternary projection expanded to dense `dtype` weights (the
-    /// benchmark baseline; see [`BitLinear::to_dense`]). The KV cache starts empty.
+    /// benchmark baseline; see [`BitLinear::to_dense`]).
     pub fn to_dense(&self, dtype: DType) -> Result<Self> {
         let mut dense = self.clone();
-        dense.clear_kv_cache();
         for layer in &mut dense.layers {
             let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
             for p in [
@@ -342,90 +504,194 @@ impl BitnetForCausalLM {
         Ok(dense)
     }
 
-    fn hidden_states(&mut self, ids: &Tensor, offset: usize) -> Result<Tensor> {
-        let (_, seq_len) = ids.dims2()?;
-        if seq_len == 0 {
+    /// Runs `ids` at the positions after `cache` and appends them to it; the f32 logits of
+    /// the last position `(vocab,)`, or of every position `(len, vocab)` with [`Logits::All`].
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+        let mut out = self.forward_batch(&mut [SeqInput { ids, cache, logits }])?;
+        match out.pop().flatten() {
+            Some(l) => Ok(l),
+            None => bail!("no logits were asked for"),
+        }
+    }
+
+    /// One step over several sequences: every projection and the head run once over all their
+    /// rows together, attention runs per sequence on its own cache. Returns each sequence's
+    /// logits as asked for by [`SeqInput::logits`]. On the CPU a sequence's logits are the
+    /// same, bit for bit, whatever else is in the batch.
+    pub fn forward_batch(&self, seqs: &mut [SeqInput]) -> Result<Vec<Option<Tensor>>> {
+        let mut rows = Vec::with_capacity(seqs.len());
+        let mut ids = Vec::new();
+        for s in seqs.iter() {
+            self.check_input(s.ids, s.cache)?;
+            rows.push(SeqRows {
+                start: ids.len(),
+                len: s.ids.len(),
+                offset: s.cache.len,
+            });
+            ids.extend_from_slice(s.ids);
+        }
+        if rows.is_empty() {
+            return Ok(vec![]);
+        }
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
+        let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
+        let mut x = self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &rows, &mut caches, i)?;
+        }
+        for (cache, r) in caches.iter_mut().zip(&rows) {
+            cache.len = r.offset + r.len;
+        }
+        // Only the rows whose logits are wanted reach the head, in one product.
+        let mut picked = Vec::new();
+        for (s, r) in seqs.iter().zip(&rows) {
+            match s.logits {
+                Logits::None => {}
+                Logits::Last => picked.push((r.start + r.len - 1) as u32),
+                Logits::All => picked.extend((r.start..r.start + r.len).map(|i| i as u32)),
+            }
+        }
+        if picked.is_empty() {
+            return Ok(vec![None; seqs.len()]);
+        }
+        let n_picked = picked.len();
+        let x = x.squeeze(0)?;
+        let x = if n_picked == n {
+            x
+        } else {
+            x.index_select(&Tensor::from_vec(picked, n_picked, &self.device)?, 0)?
+        };
+        let logits = self.project_to_vocab(&self.norm.forward(&x)?)?; // (n_picked, vocab)
+        let mut at = 0;
+        seqs.iter()
+            .zip(&rows)
+            .map(|(s, r)| {
+                Ok(match s.logits {
+                    Logits::None => None,
+                    Logits::Last => {
+                        at += 1;
+                        Some(logits.get(at - 1)?)
+                    }
+                    Logits::All => {
+                        at += r.len;
+                        Some(logits.narrow(0, at - r.len, r.len)?)
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Token ids are checked here, on the host, before anything reaches the device.
+    fn check_input(&self, ids: &[u32], cache: &KvCache) -> Result<()> {
+        if ids.is_empty() {
             bail!("empty input: at least one token id is needed")
         }
-        if offset + seq_len > self.max_position_embeddings {
+        if cache.layers.len() != self.layers.len() {
             bail!(
-                "sequence of {} positions exceeds max_position_embeddings {}",
-                offset + seq_len,
+                "KV cache has {} layers, the model {}: make it with new_kv_cache()",
+                cache.layers.len(),
+                self.layers.len()
+            )
+        }
+        let positions = cache.len.saturating_add(ids.len());
+        if positions > self.max_position_embeddings {
+            bail!(
+                "sequence of {positions} positions exceeds max_position_embeddings {}",
                 self.max_position_embeddings
             )
         }
-        let cached = self
-            .layers
-            .first()
-            .map_or(0, |l| l.self_attn.kv_cache.current_seq_len());
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            bail!(
+                "token id {id} is out of range for vocab_size {}",
+                self.vocab_size
+            )
+        }
+        Ok(())
+    }
+
+    /// `x: [rows, hidden]` → f32 logits `[rows, vocab]`.
+    fn project_to_vocab(&self, x: &Tensor) -> Result<Tensor> {
+        if self.lm_head.dtype() == DType::BF16 && x.dtype() == DType::F32 && self.device.is_cpu() {
+            return crate::ops::matmul_bf16_weight(x, &self.lm_head);
+        }
+        x.to_dtype(self.lm_head.dtype())?
+            .matmul(&self.lm_head.t()?)?
+            .to_dtype(DType::F32)
+    }
+}
+
+/// The candle-transformers-style model: shared weights plus the KV caches of one batch of
+/// equal-length sequences, `forward(&mut self, ids, offset)`. Serving code uses
+/// [`BitnetModel`] with a [`KvCache`] per sequence instead.
+#[derive(Debug, Clone)]
+pub struct BitnetForCausalLM {
+    model: Arc<BitnetModel>,
+    /// One per row of the batch.
+    caches: Vec<KvCache>,
+}
+
+impl BitnetForCausalLM {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Ok(Self::from_model(Arc::new(BitnetModel::new(cfg, vb)?)))
+    }
+
+    pub fn from_model(model: Arc<BitnetModel>) -> Self {
+        Self {
+            model,
+            caches: vec![],
+        }
+    }
+
+    /// The shared weights.
+    pub fn model(&self) -> &Arc<BitnetModel> {
+        &self.model
+    }
+
+    /// Runs `ids: (b, seq)` at positions `offset..offset+seq` and returns the f32 logits of the
+    /// last position, `(b, vocab)`. The ids are read back to the host (a device sync on CUDA).
+    pub fn forward(&mut self, ids: &Tensor, offset: usize) -> Result<Tensor> {
+        self.run(ids, offset, Logits::Last)
+    }
+
+    /// Like [`Self::forward`] but returns the logits of every position, `(b, seq, vocab)` f32.
+    pub fn forward_all(&mut self, ids: &Tensor, offset: usize) -> Result<Tensor> {
+        self.run(ids, offset, Logits::All)
+    }
+
+    pub fn clear_kv_cache(&mut self) {
+        self.caches.clear()
+    }
+
+    fn run(&mut self, ids: &Tensor, offset: usize, logits: Logits) -> Result<Tensor> {
+        let rows = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let cached = self.caches.first().map_or(0, KvCache::len);
         if offset != cached {
             bail!(
                 "offset {offset} does not match the {cached} positions in the KV cache \
                  (call clear_kv_cache() to start a new sequence)"
             )
         }
-        let max_id = ids
-            .flatten_all()?
-            .max(0)?
-            .to_dtype(DType::U32)?
-            .to_scalar::<u32>()?;
-        if max_id as usize >= self.vocab_size {
+        if offset == 0 {
+            self.caches = vec![self.model.new_kv_cache(); rows.len()];
+        } else if rows.len() != self.caches.len() {
             bail!(
-                "token id {max_id} is out of range for vocab_size {}",
-                self.vocab_size
+                "batch of {} sequences, the KV cache holds {}",
+                rows.len(),
+                self.caches.len()
             )
         }
-        let mask = (seq_len > 1)
-            .then(|| causal_mask(seq_len, offset, &self.device))
-            .transpose()?;
-        let mut x = self.embed_tokens.forward(ids)?.to_dtype(self.dtype)?;
-        for layer in &mut self.layers {
-            x = layer.forward(&x, mask.as_ref(), offset)?;
+        let mut seqs: Vec<SeqInput> = rows
+            .iter()
+            .zip(self.caches.iter_mut())
+            .map(|(ids, cache)| SeqInput { ids, cache, logits })
+            .collect();
+        let out = self.model.forward_batch(&mut seqs)?;
+        let out = out.into_iter().flatten().collect::<Vec<_>>();
+        if out.is_empty() {
+            bail!("empty input: at least one sequence is needed")
         }
-        self.norm.forward(&x)
-    }
-
-    /// Runs `ids: (b, seq)` at positions `offset..offset+seq` and returns the f32 logits of the
-    /// last position, `(b, vocab)`.
-    pub fn forward(&mut self, ids: &Tensor, offset: usize) -> Result<Tensor> {
-        let x = self.hidden_states(ids, offset)?;
-        // Contiguous: with b > 1 the narrowed rows are strided, which CUDA's matmul refuses.
-        let last = x.narrow(1, x.dim(1)? - 1, 1)?.squeeze(1)?.contiguous()?;
-        self.project_to_vocab(&last)
-    }
-
-    /// Like [`Self::forward`] but returns the logits of every position, `(b, seq, vocab)` f32.
-    pub fn forward_all(&mut self, ids: &Tensor, offset: usize) -> Result<Tensor> {
-        let x = self.hidden_states(ids, offset)?;
-        self.project_to_vocab(&x)
-    }
-
-    /// `x: [.., hidden]` → f32 logits `[.., vocab]`.
-    fn project_to_vocab(&self, x: &Tensor) -> Result<Tensor> {
-        if self.lm_head.dtype() == DType::BF16 && x.dtype() == DType::F32 && self.device.is_cpu() {
-            return crate::ops::matmul_bf16_weight(x, &self.lm_head);
-        }
-        x.to_dtype(self.lm_head.dtype())?
-            .broadcast_matmul(&self.lm_head.t()?)?
-            .to_dtype(DType::F32)
-    }
-
-    pub fn clear_kv_cache(&mut self) {
-        for layer in &mut self.layers {
-            layer.self_attn.clear_kv_cache()
-        }
-    }
-}
-
-/// The dtype to hold the embedding and head in, given the dtype they are stored in: bf16 when
-/// they are stored in bf16 (hub checkpoints are) and the CPU computes in f32, since the head is
-/// the largest matrix read per decoded token and bf16 holds those values exactly; otherwise the
-/// compute dtype.
-pub fn embedding_dtype(stored: DType, compute: DType, device: &Device) -> DType {
-    if device.is_cpu() && compute == DType::F32 && stored == DType::BF16 {
-        DType::BF16
-    } else {
-        compute
+        Tensor::stack(&out, 0)
     }
 }
 

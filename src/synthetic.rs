@@ -4,7 +4,7 @@
 //! ([`preset`]) gives the `config.json` of a real checkpoint; [`tensors`] fills a map with the
 //! checkpoint's own tensor names — packed `[out/4, in]` U8 codes and `weight_scale` per
 //! projection (layout in [`crate::quant`]), random norms and embeddings — and [`build`] hands it to
-//! `VarBuilder::from_tensors` → [`BitnetForCausalLM::new`], the code path real weights take once
+//! `VarBuilder::from_tensors` → [`BitnetModel::new`], the code path real weights take once
 //! their tensors exist. Every tensor is created once, on the target device, and the model keeps
 //! the only reference (the tied head is the embedding itself).
 //!
@@ -14,7 +14,7 @@
 //! - `8b`: `HF1BitLLM/Llama3-8B-1.58-100B-tokens` (Llama-3-8B shapes, untied `lm_head`).
 
 use crate::config::{Config, EosTokenId, QuantizationConfig};
-use crate::BitnetForCausalLM;
+use crate::model::{BitnetModel, LoadOptions};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -237,16 +237,20 @@ pub fn tensors(
 }
 
 /// The dtype synthetic embeddings and heads are made and held in: stored as bf16, as hub
-/// checkpoints store them, so held as the model holds those ([`crate::model::embedding_dtype`]).
+/// checkpoints store them, so held as [`LoadOptions::head_dtype`] holds those.
 pub fn embedding_dtype(dtype: DType, device: &Device) -> DType {
-    crate::model::embedding_dtype(DType::BF16, dtype, device)
+    LoadOptions {
+        dtype: Some(dtype),
+        ..LoadOptions::new(device)
+    }
+    .head_dtype(DType::BF16)
 }
 
 /// A model shaped like `cfg` with seeded random weights, built through the loading path.
-pub fn build(cfg: &Config, seed: u64, dtype: DType, device: &Device) -> Result<BitnetForCausalLM> {
+pub fn build(cfg: &Config, seed: u64, dtype: DType, device: &Device) -> Result<BitnetModel> {
     let map = tensors(cfg, seed, dtype, device)?;
     let vb = VarBuilder::from_tensors(map, dtype, device);
-    BitnetForCausalLM::new_with_embedding_dtype(cfg, vb, embedding_dtype(dtype, device))
+    BitnetModel::new_with_head_dtype(cfg, vb, embedding_dtype(dtype, device))
 }
 
 /// `len` seeded random token ids below `vocab`: a prompt for benchmarks.

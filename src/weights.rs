@@ -5,6 +5,7 @@
 //! does not match the request (packed codes must be stored as U8, everything else as floats)
 //! or whose shape differs, before any data is converted.
 
+use crate::model::{BitnetModel, LoadOptions};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{bail, DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -155,29 +156,29 @@ pub fn var_builder(
     Ok(CheckedSafetensors::open(paths)?.into_var_builder(dtype, device))
 }
 
-/// Builds the model from checkpoint files, computing in `dtype` on `device`; the embedding and
-/// head stay in bf16 on the CPU when the files store them so ([`crate::model::embedding_dtype`]).
+/// Builds the model from checkpoint files as `opts` says; the head dtype is chosen here, from
+/// what the files store ([`crate::model::LoadOptions::head_dtype`]).
 pub fn load_model(
     cfg: &crate::Config,
     paths: &[PathBuf],
-    dtype: DType,
-    device: &Device,
-) -> Result<crate::BitnetForCausalLM> {
+    opts: &LoadOptions,
+) -> Result<BitnetModel> {
     let weights = CheckedSafetensors::open(paths)?;
     let mut vocab_matrices = vec!["model.embed_tokens.weight"];
     if !cfg.tie_word_embeddings {
         vocab_matrices.push("lm_head.weight");
     }
+    let dtype = opts.compute_dtype();
     let all_bf16 = vocab_matrices
         .iter()
         .all(|n| weights.stored_dtype(n) == Some(DType::BF16));
     let stored = if all_bf16 { DType::BF16 } else { dtype };
-    let embed_dtype = crate::model::embedding_dtype(stored, dtype, device);
-    let vb = weights.into_var_builder(dtype, device);
-    crate::BitnetForCausalLM::new_with_embedding_dtype(cfg, vb, embed_dtype)
+    let vb = weights.into_var_builder(dtype, &opts.device);
+    BitnetModel::new_with_head_dtype(cfg, vb, opts.head_dtype(stored))
 }
 
-/// Loads `config.json` and the weights of a checkpoint directory in the hub layout.
+/// Loads `config.json` and the weights of a checkpoint directory in the hub layout as a
+/// candle-style model computing in `dtype` on `device` (the head as [`LoadOptions`] picks it).
 pub fn load_model_dir(
     dir: &Path,
     dtype: DType,
@@ -187,6 +188,10 @@ pub fn load_model_dir(
         bail!("model directory {} does not exist", dir.display())
     }
     let cfg = crate::Config::from_file(&dir.join("config.json"))?;
-    let model = load_model(&cfg, &safetensors_files(dir)?, dtype, device)?;
-    Ok((cfg, model))
+    let opts = LoadOptions {
+        dtype: Some(dtype),
+        ..LoadOptions::new(device)
+    };
+    let model = load_model(&cfg, &safetensors_files(dir)?, &opts)?;
+    Ok((cfg, crate::BitnetForCausalLM::from_model(model.into())))
 }

@@ -255,7 +255,7 @@ fn cached_greedy(
     prompt: &[u32],
     steps: usize,
 ) -> Result<(Vec<u32>, Tensor)> {
-    let dev = model.device().clone();
+    let dev = model.model().device().clone();
     model.clear_kv_cache();
     let mut logits = model.forward(&ids_tensor(prompt, &dev)?, 0)?.squeeze(0)?;
     let (mut ids, mut all) = (vec![], vec![]);

@@ -3,14 +3,19 @@
 
 mod common;
 
+use anyhow::Result;
 use candle_bitnet::generate::{ChatTemplate, StopReason, TokenOutputStream};
 use candle_bitnet::{GenerationParams, Generator, Message};
-use candle_core::{Device, Result};
+use candle_core::Device;
 use common::{fixture_dir, Expected};
 use std::path::Path;
 
 fn load(dir: &Path) -> Result<Generator> {
-    Generator::from_pretrained(&dir.display().to_string(), "main", &Device::Cpu)
+    Ok(Generator::from_pretrained(
+        &dir.display().to_string(),
+        "main",
+        &Device::Cpu,
+    )?)
 }
 
 fn greedy(max_tokens: usize) -> GenerationParams {
@@ -253,7 +258,7 @@ fn repeat_penalty_discourages_repeats_in_the_window() -> Result<()> {
 #[test]
 fn stops_on_every_eos_id_of_generation_config() -> Result<()> {
     // A copy of the fixture whose second EOS id is the second greedy token of `ids_len7`.
-    let dir = tempfile::tempdir().map_err(candle_core::Error::wrap)?;
+    let dir = tempfile::tempdir()?;
     for entry in std::fs::read_dir(fixture_dir())? {
         let entry = entry?;
         if entry.file_type()?.is_file() {

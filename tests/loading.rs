@@ -5,7 +5,7 @@ mod common;
 
 use candle_bitnet::quant::{pack_ternary, ternarize_absmean};
 use candle_bitnet::weights::load_model_dir;
-use candle_bitnet::{BitnetForCausalLM, Config};
+use candle_bitnet::{BitnetForCausalLM, BitnetModel, Config};
 use candle_core::{DType, Device, Result, Tensor};
 use common::fixture_dir;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -208,7 +208,7 @@ fn llama_architecture_uses_silu_no_sub_norms_and_an_untied_head() -> Result<()> 
 #[test]
 fn ternary_weights_take_at_most_2_1_bits_per_weight() -> Result<()> {
     let (_, model) = load_model_dir(&fixture_dir(), DType::F32, &Device::Cpu)?;
-    let layers = model.bitlinears();
+    let layers = model.model().bitlinears();
     let weights: usize = layers
         .iter()
         .map(|l| l.in_features() * l.out_features())
@@ -434,7 +434,8 @@ fn model_builds_from_a_var_builder_of_in_memory_tensors() -> Result<()> {
     let reference = logits_of(&fixture_dir())?;
     // The loader keeps the bf16-stored head in bf16: the same choice gives the same bits.
     let vb = candle_nn::VarBuilder::from_tensors(fixture_tensors()?, DType::F32, &Device::Cpu);
-    let mut model = BitnetForCausalLM::new_with_embedding_dtype(&cfg, vb, DType::BF16)?;
+    let model = BitnetModel::new_with_head_dtype(&cfg, vb, DType::BF16)?;
+    let mut model = BitnetForCausalLM::from_model(model.into());
     assert_eq!(
         max_abs_diff(&model.forward_all(&prompt()?, 0)?, &reference)?,
         0.0
@@ -531,7 +532,7 @@ fn use_rms_norm_adds_a_norm_on_every_bitlinear_input() -> Result<()> {
 fn bitlinear_from_packed_codes_matches_the_loaded_layer() -> Result<()> {
     use candle_core::Module;
     let (_, model) = load_model_dir(&fixture_dir(), DType::F32, &Device::Cpu)?;
-    let loaded = model.bitlinears()[4];
+    let loaded = model.model().bitlinears()[4];
     let rebuilt =
         candle_bitnet::BitLinear::from_packed(loaded.packed_weight().clone(), loaded.w_div())?;
     let mut rng = StdRng::seed_from_u64(9);

@@ -3,7 +3,7 @@
 
 use candle_bitnet::bench::{self, BenchOptions};
 use candle_bitnet::synthetic;
-use candle_bitnet::Config;
+use candle_bitnet::{Config, Logits};
 use candle_core::{DType, Device, Result, Tensor};
 
 /// The `2b-4t` preset at toy sizes: same architecture, same code paths.
@@ -33,9 +33,9 @@ fn tiny_llama() -> Result<Config> {
 }
 
 fn logits(cfg: &Config, seed: u64) -> Result<Tensor> {
-    let mut model = synthetic::build(cfg, seed, DType::F32, &Device::Cpu)?;
+    let model = synthetic::build(cfg, seed, DType::F32, &Device::Cpu)?;
     let ids = synthetic::token_ids(9, cfg.vocab_size, 1);
-    model.forward_all(&Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?, 0)
+    model.forward(&ids, &mut model.new_kv_cache(), Logits::All)
 }
 
 #[test]

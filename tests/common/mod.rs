@@ -74,7 +74,7 @@ pub fn assert_logits_close(name: &str, got: &Tensor, want: &Tensor) -> Result<()
 /// logits that prompt gives alone, within `tol` relative L2.
 pub fn assert_batch_matches_single(model: &mut BitnetForCausalLM, tol: f32) -> Result<()> {
     let expected = Expected::load()?;
-    let dev = model.device().clone();
+    let dev = model.model().device().clone();
     let a = expected.ids("ids_len7", "prompt_ids");
     let b: Vec<u32> = expected.ids("ids_len23", "prompt_ids")[..a.len()].to_vec();
     let next = [3u32, 5];
@@ -92,7 +92,11 @@ pub fn assert_batch_matches_single(model: &mut BitnetForCausalLM, tol: f32) -> R
         model.forward(&Tensor::new(&next, &dev)?.unsqueeze(1)?, a.len())?,
     ];
     for (step, logits) in steps.iter().enumerate() {
-        assert_eq!(logits.dims(), [2, model.vocab_size()], "batch logits shape");
+        assert_eq!(
+            logits.dims(),
+            [2, model.model().vocab_size()],
+            "batch logits shape"
+        );
         for (row, single) in alone.iter().enumerate() {
             let got = logits.get(row)?.to_device(&Device::Cpu)?;
             let want = single[step].to_device(&Device::Cpu)?;

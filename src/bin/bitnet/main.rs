@@ -266,7 +266,7 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 }
 
 /// Writes `piece` to stdout at once, so text streams.
-fn print_piece(out: &mut impl Write, piece: &str) -> candle_core::Result<()> {
+fn print_piece(out: &mut impl Write, piece: &str) -> candle_bitnet::Result<()> {
     out.write_all(piece.as_bytes())?;
     Ok(out.flush()?)
 }
