@@ -1,7 +1,6 @@
 //! `POST /v1/chat/completions` and `POST /v1/completions`: validate, queue on the engine, relay
 //! its events as one response or as server-sent events.
 
-use super::engine::{EngineHandle, Event, FinishReason, RequestId};
 use super::metrics as m;
 use super::openai::{self, ApiError, Endpoint, Logprobs, ResponseMeta, Shape};
 use super::{App, Ready};
@@ -12,6 +11,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use candle_bitnet::engine::{EngineHandle, Event, FinishReason, RequestId};
 use serde_json::Value;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -132,7 +132,7 @@ enum Step {
     Finished {
         text: String,
         reason: FinishReason,
-        usage: super::engine::Usage,
+        usage: candle_bitnet::engine::Usage,
     },
     Failed(ApiError),
 }

@@ -1,6 +1,6 @@
 //! Prometheus metrics (`GET /metrics`) through the `metrics` facade.
 
-use super::engine::EngineStats;
+use candle_bitnet::engine::EngineStats;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const HTTP_REQUESTS: &str = "bitnet_http_requests_total";

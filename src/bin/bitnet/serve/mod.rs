@@ -5,11 +5,8 @@
 //! server listens before the model loads, so `/health` can say "loading".
 
 mod completions;
-mod engine_stub;
 mod metrics;
 mod openai;
-
-use engine_stub as engine;
 
 use anyhow::{Context, Result};
 use axum::extract::{MatchedPath, Path, Request, State};
@@ -18,9 +15,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use candle_bitnet::engine::{Engine, EngineHandle, EngineOptions};
 use candle_bitnet::Generator;
 use clap::Args;
-use engine::{Engine, EngineHandle, EngineOptions};
 use metrics_exporter_prometheus::PrometheusHandle;
 use openai::{ApiError, ModelInfo};
 use serde_json::json;
@@ -54,6 +51,10 @@ pub struct ServeArgs {
     /// Requests waiting for a batch slot at most; beyond, requests are answered 429 at once.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// KV-cache positions the running requests may reserve together (prompt + max_tokens
+    /// each) [default: --max-batch full contexts].
+    #[arg(long, value_name = "TOKENS")]
+    kv_budget: Option<usize>,
     /// Require `Authorization: Bearer KEY` on /v1 routes [default: $BITNET_API_KEY].
     #[arg(long, value_name = "KEY")]
     api_key: Option<String>,
@@ -169,12 +170,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
 fn load(args: &ServeArgs) -> Result<Arc<Ready>> {
     let started = Instant::now();
     let generator = args.model.load()?;
-    let context_len = generator.model().max_position_embeddings();
+    let context_len = generator.context_len();
+    let max_batch = args.max_batch as usize;
     let opts = EngineOptions {
-        max_batch: args.max_batch as usize,
+        max_batch,
         max_queue: args.max_queue,
+        kv_budget_tokens: args.kv_budget.unwrap_or(max_batch * context_len),
+        ..EngineOptions::for_context(context_len)
     };
-    let engine = Engine::new(args.model.load()?, opts).spawn();
+    let engine = Engine::new(&generator, opts).spawn();
     tracing::info!(
         secs = started.elapsed().as_secs_f64(),
         context_len,

@@ -1,15 +1,14 @@
 //! The OpenAI wire format: request bodies, their validation into an engine request, the error
 //! object, and the response and chunk objects.
 
-use super::engine::{FinishReason, Request, SamplingParams, TokenLogprob, Usage};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use candle_bitnet::engine::{
+    FinishReason, Request, SamplingParams, TokenLogprob, Usage, MAX_TOP_LOGPROBS,
+};
 use candle_bitnet::{ErrorKind, GenerationParams, Generator, Message};
 use serde::Deserialize;
 use serde_json::{json, Value};
-
-/// The most alternatives per token `logprobs` / `top_logprobs` may ask for (OpenAI's limit).
-pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// An error answered with OpenAI's error object: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
@@ -485,24 +484,27 @@ fn sampling(body: &CompletionBody, d: &GenerationParams) -> Result<SamplingParam
         }
         r => r.unwrap_or(d.repeat_penalty),
     };
-    Ok(SamplingParams {
-        temperature: temperature.unwrap_or(d.temperature),
-        // llama-server: top_k <= 0 is off.
-        top_k: match body.top_k {
-            Some(k) => usize::try_from(k).ok().filter(|k| *k > 0),
-            None => d.top_k,
-        },
-        top_p: top_p.map_or(d.top_p, |p| Some(p).filter(|p| *p < 1.0)),
-        min_p: min_p.map_or(d.min_p, |p| Some(p).filter(|p| *p > 0.0)),
-        repeat_penalty,
-        repeat_last_n: body.repeat_last_n.unwrap_or(d.repeat_last_n),
-        presence_penalty,
-        frequency_penalty,
-        seed: match body.seed {
-            Some(s) => s as u64,
-            None => random_seed(),
-        },
-    })
+    let mut sampling = d.sampling_params(body.seed.map_or_else(random_seed, |s| s as u64));
+    if let Some(t) = temperature {
+        sampling.temperature = t;
+    }
+    // llama-server: top_k <= 0 is off.
+    if let Some(k) = body.top_k {
+        sampling.top_k = usize::try_from(k).ok().filter(|k| *k > 0);
+    }
+    if let Some(p) = top_p {
+        sampling.top_p = Some(p).filter(|p| *p < 1.0);
+    }
+    if let Some(p) = min_p {
+        sampling.min_p = Some(p).filter(|p| *p > 0.0);
+    }
+    if let Some(n) = body.repeat_last_n {
+        sampling.repeat_last_n = n;
+    }
+    sampling.repeat_penalty = repeat_penalty;
+    sampling.presence_penalty = presence_penalty;
+    sampling.frequency_penalty = frequency_penalty;
+    Ok(sampling)
 }
 
 fn random_seed() -> u64 {
