@@ -84,10 +84,13 @@ class Server:
             time.sleep(0.05)
         fail("the server did not become healthy")
 
-    def complete(self, prompt, stream, max_tokens, chat=False, **extra):
-        """(text, finish_reason, usage, chunks) of one greedy request; EOS ignored."""
+    def complete(self, prompt, stream, max_tokens, chat=False, logprobs=None, **extra):
+        """(text, finish_reason, usage, tokens) of one greedy request, EOS ignored; `tokens`
+        lists (token, logprob, top alternatives) when `logprobs` alternatives were asked for."""
         body = {"ignore_eos": True, **extra.pop("extra_body", {})}
         args = dict(model=self.model, max_tokens=max_tokens, temperature=0, extra_body=body, **extra)
+        if logprobs is not None:
+            args.update({"logprobs": True, "top_logprobs": logprobs} if chat else {"logprobs": logprobs})
         if stream:
             args["stream"] = True
             args["stream_options"] = {"include_usage": True}
@@ -101,8 +104,8 @@ class Server:
             choice = out.choices[0]
             text = choice.message.content if chat else choice.text
             check(out.object == ("chat.completion" if chat else "text_completion"), out.object)
-            return text, choice.finish_reason, out.usage, [text]
-        pieces, finish, usage, ids = [], None, None, set()
+            return text, choice.finish_reason, out.usage, token_logprobs(choice.logprobs, chat)
+        pieces, finish, usage, ids, tokens = [], None, None, set(), []
         for i, chunk in enumerate(out):
             ids.add(chunk.id)
             check(finish is None or not chunk.choices, "a chunk after the finish reason")
@@ -118,19 +121,40 @@ class Server:
                 piece = choice.text
             if piece:
                 pieces.append(piece)
+            tokens += token_logprobs(choice.logprobs, chat)
             if choice.finish_reason is not None:
                 finish = choice.finish_reason
         check(len(ids) == 1, f"chunks of one stream carry one id, got {ids}")
         check(usage is not None, "no usage chunk with include_usage")
-        return "".join(pieces), finish, usage, pieces
+        return "".join(pieces), finish, usage, tokens
+
+
+def token_logprobs(logprobs, chat):
+    """[(token, logprob, [(token, logprob), ...])] of a choice's logprobs, either format."""
+    if logprobs is None:
+        return []
+    if chat:
+        return [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs]) for t in logprobs.content]
+    return [
+        (t, lp, sorted(top.items(), key=lambda kv: -kv[1]))
+        for t, lp, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs)
+    ]
 
 
 def expect_complete(server, prompt, stream, max_tokens, chat=False, **extra):
-    text, finish, usage, _ = server.complete(prompt, stream, max_tokens, chat, **extra)
+    text, finish, usage, tokens = server.complete(prompt, stream, max_tokens, chat, **extra)
     check(finish == "length", f"finish_reason {finish}, expected length (EOS ignored)")
     check(usage.completion_tokens == max_tokens, f"{usage.completion_tokens} tokens, asked {max_tokens}")
     check(usage.total_tokens == usage.prompt_tokens + usage.completion_tokens, f"usage {usage}")
-    return text, usage
+    if "logprobs" in extra:
+        check(len(tokens) == max_tokens, f"{len(tokens)} logprobs for {max_tokens} tokens")
+        for token, lp, top in tokens:
+            # Completions key alternatives by their text: tokens decoding alike (U+FFFD) merge.
+            want = extra["logprobs"]
+            check(len(top) == want or (not chat and 0 < len(top) < want), f"{len(top)} alternatives, asked {want}")
+            # Greedy: the chosen token is the most likely one.
+            check(top and top[0][1] == lp and lp <= 0, f"greedy token {token!r} {lp} vs {top}")
+    return text, usage, tokens
 
 
 def basic(server, expect):
@@ -140,12 +164,18 @@ def basic(server, expect):
     check(server.client.models.retrieve(server.model).id == server.model, "models.retrieve")
     n = expect["max_tokens"]
     for stream in (False, True):
-        text, usage = expect_complete(server, expect["prompt_ids"], stream, n)
+        text, usage, _ = expect_complete(server, expect["prompt_ids"], stream, n)
         check(text == expect["ids_text"], f"stream={stream}: {text!r} != generate's {expect['ids_text']!r}")
         check(usage.prompt_tokens == len(expect["prompt_ids"]), f"prompt_tokens {usage.prompt_tokens}")
-        text, _ = expect_complete(server, expect["prompt"], stream, n)
+        text, _, _ = expect_complete(server, expect["prompt"], stream, n)
         check(text == expect["text_text"], f"stream={stream}: {text!r} != generate's {expect['text_text']!r}")
-        text, usage = expect_complete(server, expect["prompt"], stream, n, chat=True)
+        text, usage, _ = expect_complete(server, expect["prompt"], stream, n, chat=True)
+        # Log probabilities in both formats; with them the text is unchanged.
+        for chat in (False, True):
+            prompt = expect["prompt"] if chat else expect["prompt_ids"]
+            want = expect["chat_text"] if chat else expect["ids_text"]
+            text, _, tokens = expect_complete(server, prompt, stream, n, chat, logprobs=3)
+            check(text == want, f"logprobs chat={chat} stream={stream}: {text!r} != {want!r}")
         check(text == expect["chat_text"], f"chat stream={stream}: {text!r} != {expect['chat_text']!r}")
         check(usage.prompt_tokens == expect["chat_prompt_len"], f"chat prompt_tokens {usage.prompt_tokens}")
     # A stop string ends the text before it; the model's defaults apply to unset parameters.
@@ -170,13 +200,15 @@ def concurrent_streams(server, expect):
         prompt, max_tokens, chat = req
         if chat:
             prompt = "".join(chr(ord("a") + id % 26) for id in prompt)
-        return expect_complete(server, prompt, True, max_tokens, chat)[0]
+        text, _, tokens = expect_complete(server, prompt, True, max_tokens, chat, logprobs=2)
+        return text, tokens
 
     alone = [run(r) for r in requests]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         together = list(pool.map(run, requests))
     for i, (a, t) in enumerate(zip(alone, together)):
         check(a == t, f"client {i}: alone {a!r}, concurrently {t!r}")
+    check(all(len(a[1]) > 0 for a in alone), "no logprobs")
     print("concurrent: ok, 16 streams")
 
 

@@ -49,8 +49,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     max_batch: u64,
     /// Requests waiting for a batch slot at most; beyond, requests are answered 429 at once.
-    #[arg(long, default_value_t = 64)]
-    max_queue: usize,
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_queue: u64,
     /// KV-cache positions the running requests may reserve together (prompt + max_tokens
     /// each) [default: --max-batch full contexts].
     #[arg(long, value_name = "TOKENS")]
@@ -174,7 +174,7 @@ fn load(args: &ServeArgs) -> Result<Arc<Ready>> {
     let max_batch = args.max_batch as usize;
     let opts = EngineOptions {
         max_batch,
-        max_queue: args.max_queue,
+        max_queue: args.max_queue as usize,
         kv_budget_tokens: args.kv_budget.unwrap_or(max_batch * context_len),
         ..EngineOptions::for_context(context_len)
     };
