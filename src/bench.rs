@@ -7,7 +7,7 @@
 //! run in the same process. Decode at batch 1 reads every weight once per token, so its ceiling
 //! is `bandwidth ÷ bytes per token`; the report prints decode as a fraction of that ceiling.
 
-use crate::model::{BitnetModel, Logits};
+use crate::model::{BitnetModel, KvCache, Logits, SeqInput};
 use crate::synthetic;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -28,6 +28,10 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Size of the buffer copied to measure bandwidth; far larger than any cache.
     pub copy_bytes: usize,
+    /// Batch sizes of the batched-decode measurement (empty: skip it).
+    pub batch: Vec<usize>,
+    /// Decode steps timed at each batch size.
+    pub batch_steps: usize,
 }
 
 impl Default for BenchOptions {
@@ -39,8 +43,22 @@ impl Default for BenchOptions {
             dense: true,
             seed: synthetic::DEFAULT_SEED,
             copy_bytes: 1 << 30,
+            batch: vec![],
+            batch_steps: 16,
         }
     }
+}
+
+/// Decode of `batch` sequences at once, each after its own prompt.
+#[derive(Debug, Clone)]
+pub struct BatchDecode {
+    pub batch: usize,
+    /// Tokens per second over all sequences.
+    pub aggregate_tokens_per_s: f64,
+    /// Tokens per second each sequence sees.
+    pub per_sequence_tokens_per_s: f64,
+    /// Bytes allocated by the batch's KV caches at the end.
+    pub kv_cache_bytes: usize,
 }
 
 /// Throughput and traffic of one model.
@@ -83,6 +101,7 @@ pub struct BenchReport {
     pub peak_rss_bytes: Option<u64>,
     /// `VmHWM` at the end of the run.
     pub peak_rss_with_dense_bytes: Option<u64>,
+    pub batch_decode: Vec<BatchDecode>,
 }
 
 /// Runs the benchmark on `device`, drawing a progress bar on stderr.
@@ -96,10 +115,24 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
     let cfg = synthetic::preset(&opts.preset)?;
     let shortest = opts.prompt_lens.iter().copied().min().unwrap_or(1);
     let longest = opts.prompt_lens.iter().copied().max().unwrap_or(1);
-    if longest.max(shortest + opts.decode_tokens) > cfg.max_position_embeddings {
+    if longest.max(shortest.saturating_add(opts.decode_tokens)) > cfg.max_position_embeddings {
         bail!(
             "prompts of {longest} tokens and {} decoded after {shortest} exceed max_position_embeddings {}",
             opts.decode_tokens,
+            cfg.max_position_embeddings
+        )
+    }
+    if opts.batch.contains(&0) || (!opts.batch.is_empty() && opts.batch_steps == 0) {
+        bail!(
+            "batch sizes and batch steps must be positive, got {:?} and {}",
+            opts.batch,
+            opts.batch_steps
+        )
+    }
+    if shortest.saturating_add(opts.batch_steps).saturating_add(1) > cfg.max_position_embeddings {
+        bail!(
+            "{} batched decode steps after {shortest} prompt tokens exceed max_position_embeddings {}",
+            opts.batch_steps,
             cfg.max_position_embeddings
         )
     }
@@ -117,6 +150,11 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
         8.0 * (packed_bytes + 4 * model.bitlinears().len()) as f64 / ternary_weights as f64;
     let float_bytes = FloatBytes::new(&cfg, ternary_weights, dtype, device);
     let ternary = measure(&model, opts, &float_bytes, &bar, "ternary")?;
+    let batch_decode = opts
+        .batch
+        .iter()
+        .map(|&b| measure_batch(&model, b, opts, &bar))
+        .collect::<Result<Vec<_>>>()?;
     let peak_rss_bytes = peak_rss();
 
     bar.set_message("measuring copy bandwidth");
@@ -146,6 +184,7 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
         measured_bandwidth_bytes_per_s,
         peak_rss_bytes,
         peak_rss_with_dense_bytes: peak_rss(),
+        batch_decode,
     })
 }
 
@@ -241,6 +280,55 @@ fn measure(
         decode_tokens_per_s,
         weight_bytes: linear_bytes + float_bytes.held,
         bytes_per_decoded_token: linear_bytes + float_bytes.read_per_token,
+    })
+}
+
+/// `batch` sequences prefilled with prompts of the shortest prompt length, then
+/// `opts.batch_steps` steps that each advance all of them by one token.
+fn measure_batch(
+    model: &BitnetModel,
+    batch: usize,
+    opts: &BenchOptions,
+    bar: &ProgressBar,
+) -> Result<BatchDecode> {
+    bar.set_message(format!("batch {batch}: prefill"));
+    let prompt_len = opts.prompt_lens.iter().copied().min().unwrap_or(1);
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|i| synthetic::token_ids(prompt_len, model.vocab_size(), opts.seed ^ (i as u64 + 1)))
+        .collect();
+    let mut caches: Vec<KvCache> = (0..batch).map(|_| model.new_kv_cache()).collect();
+    let step = |ids: &[Vec<u32>], caches: &mut [KvCache]| -> Result<Vec<Vec<u32>>> {
+        let mut seqs: Vec<SeqInput> = ids
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(ids, cache)| SeqInput {
+                ids,
+                cache,
+                logits: Logits::Last,
+            })
+            .collect();
+        model
+            .forward_batch(&mut seqs)?
+            .into_iter()
+            .map(|l| match l {
+                Some(l) => Ok(vec![next_token(&l)?]),
+                None => bail!("no logits"),
+            })
+            .collect()
+    };
+    let mut tokens = step(&prompts, &mut caches)?;
+    bar.set_message(format!("batch {batch}: decode"));
+    let start = Instant::now();
+    for _ in 0..opts.batch_steps {
+        tokens = step(&tokens, &mut caches)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let per_sequence_tokens_per_s = opts.batch_steps as f64 / secs;
+    Ok(BatchDecode {
+        batch,
+        aggregate_tokens_per_s: batch as f64 * per_sequence_tokens_per_s,
+        per_sequence_tokens_per_s,
+        kv_cache_bytes: caches.iter().map(KvCache::bytes).sum(),
     })
 }
 
@@ -343,6 +431,12 @@ impl BenchReport {
             "dense_bandwidth_fraction": dense.map(|d| d.bandwidth_fraction(bw)),
             "peak_rss_bytes": self.peak_rss_bytes,
             "peak_rss_with_dense_bytes": self.peak_rss_with_dense_bytes,
+            "batch_decode": self.batch_decode.iter().map(|b| serde_json::json!({
+                "batch": b.batch,
+                "aggregate_tokens_per_s": b.aggregate_tokens_per_s,
+                "per_sequence_tokens_per_s": b.per_sequence_tokens_per_s,
+                "kv_cache_bytes": b.kv_cache_bytes,
+            })).collect::<Vec<_>>(),
         })
     }
 
@@ -424,6 +518,20 @@ impl BenchReport {
             rss(self.peak_rss_with_dense_bytes),
             self.decode_tokens,
         );
+        if !self.batch_decode.is_empty() {
+            out += "\n| batch | aggregate decode (tok/s) | per sequence (tok/s) | × batch 1 | KV caches |\n|---:|---:|---:|---:|---:|\n";
+            let base = self.batch_decode[0].aggregate_tokens_per_s;
+            for b in &self.batch_decode {
+                out += &format!(
+                    "| {} | {:.1} | {:.2} | {:.2}× | {} |\n",
+                    b.batch,
+                    b.aggregate_tokens_per_s,
+                    b.per_sequence_tokens_per_s,
+                    b.aggregate_tokens_per_s / base,
+                    gb(b.kv_cache_bytes as f64)
+                );
+            }
+        }
         out
     }
 }

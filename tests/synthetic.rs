@@ -64,7 +64,7 @@ fn preset_2b_4t_has_the_documented_shapes() -> Result<()> {
 fn tiny_models_build_and_give_finite_logits() -> Result<()> {
     for cfg in [tiny_bitnet(), tiny_llama()?] {
         let logits = logits(&cfg, 3)?;
-        assert_eq!(logits.dims(), [1, 9, cfg.vocab_size]);
+        assert_eq!(logits.dims(), [9, cfg.vocab_size]);
         let values = logits.flatten_all()?.to_vec1::<f32>()?;
         assert!(values.iter().all(|v| v.is_finite()), "{}", cfg.model_type);
         // Random weights must not collapse to a constant output.
@@ -110,6 +110,8 @@ fn bench_runs_on_a_config_json_and_writes_every_key() -> Result<()> {
         prompt_lens: vec![4, 16],
         decode_tokens: 3,
         copy_bytes: 1 << 24,
+        batch: vec![1, 3],
+        batch_steps: 2,
         ..Default::default()
     };
     let report = bench::run(&opts, &Device::Cpu)?;
@@ -145,10 +147,20 @@ fn bench_runs_on_a_config_json_and_writes_every_key() -> Result<()> {
         }
     }
     assert!(json.get("peak_rss_bytes").is_some());
+    let batches = json["batch_decode"].as_array().expect("batch_decode list");
+    assert_eq!(batches.len(), 2);
+    for (b, want) in batches.iter().zip([1, 3]) {
+        assert_eq!(b["batch"], want);
+        for key in ["aggregate_tokens_per_s", "per_sequence_tokens_per_s"] {
+            assert!(b[key].as_f64().is_some_and(|v| v > 0.0), "{key}");
+        }
+        assert!(b["kv_cache_bytes"].as_u64().is_some_and(|v| v > 0));
+    }
     assert!(report
         .dense
         .as_ref()
         .is_some_and(|d| d.weight_bytes > report.ternary.weight_bytes));
     assert!(report.table().contains("decode, batch 1"));
+    assert!(report.table().contains("| 3 |"));
     Ok(())
 }

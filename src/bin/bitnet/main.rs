@@ -53,6 +53,12 @@ enum Command {
         /// Seed of the synthetic weights and prompts.
         #[arg(long, default_value_t = candle_bitnet::synthetic::DEFAULT_SEED)]
         seed: u64,
+        /// Batch sizes of a batched-decode measurement, e.g. 1,4,16,64 (sequences decoded together).
+        #[arg(long, value_delimiter = ',')]
+        batch: Vec<usize>,
+        /// Decode steps timed at each --batch size.
+        #[arg(long, default_value_t = 16)]
+        batch_steps: usize,
         /// Write the report as JSON to this file.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
@@ -196,6 +202,8 @@ fn main() -> ExitCode {
             decode_tokens,
             no_dense,
             seed,
+            batch,
+            batch_steps,
             json,
         } => {
             let opts = candle_bitnet::bench::BenchOptions {
@@ -204,6 +212,8 @@ fn main() -> ExitCode {
                 decode_tokens,
                 dense: !no_dense,
                 seed,
+                batch,
+                batch_steps,
                 ..Default::default()
             };
             device::device(cpu, gpu)
