@@ -588,9 +588,12 @@ impl Logprobs {
             "bytes": token.as_bytes(),
             "top_logprobs": top.iter().map(|(t, l)| json!({"token": t, "logprob": l, "bytes": t.as_bytes()})).collect::<Vec<_>>(),
         }));
-        self.top_logprobs.push(Value::Object(
-            top.into_iter().map(|(t, l)| (t, json!(l))).collect(),
-        ));
+        // Keyed by text: of tokens that decode alike (U+FFFD), the most likely one stays.
+        let mut by_text = serde_json::Map::new();
+        for (t, l) in top {
+            by_text.entry(t).or_insert(json!(l));
+        }
+        self.top_logprobs.push(Value::Object(by_text));
         self.tokens.push(token);
         self.token_logprobs.push(lp.logprob);
         self.text_offset.push(text_offset);
