@@ -40,7 +40,7 @@ fn options() -> Result<Options> {
         clients: vec![1, 4, 16, 64],
         prompt_len: 16,
         max_tokens: 32,
-        rounds: 2,
+        rounds: 1,
         device_args: vec!["--cpu".into()],
         json: None,
     };

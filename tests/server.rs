@@ -70,6 +70,8 @@ struct Server {
     child: Child,
     base_url: String,
     log: Arc<Mutex<String>>,
+    /// Reads stderr into `log` until the server exits.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -89,7 +91,7 @@ impl Server {
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel();
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some((_, addr)) = line.split_once("listening on ") {
                     let _ = tx.send(addr.trim().to_string());
@@ -106,6 +108,7 @@ impl Server {
             child,
             base_url,
             log,
+            reader: Some(reader),
         }
     }
 
@@ -117,8 +120,9 @@ impl Server {
     fn stop(mut self) {
         signal_term(&self.child);
         let status = self.child.wait().expect("wait for the server");
-        // The reader thread sees EOF once the process is gone.
-        std::thread::sleep(Duration::from_millis(50));
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("the log reader");
+        }
         let log = self.log();
         assert!(status.success(), "server exit {status}: {log}");
         assert!(log.contains("stopped"), "no clean stop in the log: {log}");

@@ -41,6 +41,7 @@ async fn complete(
     endpoint: Endpoint,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let ready = app.ready()?;
     let bytes = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
@@ -54,7 +55,6 @@ async fn complete(
     })?;
     let body = openai::parse_body(&bytes)?;
     let (request, shape) = openai::validate(body, endpoint, &ready.model_info())?;
-    let started = Instant::now();
     let prompt_tokens = request.prompt_ids.len();
     let (tx, rx) = mpsc::unbounded_channel();
     // On the engine thread: never blocks; a closed channel (the client left) cancels.
