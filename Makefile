@@ -11,6 +11,7 @@ build:
 test:
 	$(CARGO) test
 	$(CARGO) test --no-default-features
+	$(CARGO) run --no-default-features --example embed
 	$(CARGO) build --benches --examples
 
 lint:
@@ -37,7 +38,7 @@ test-cuda: build-cuda
 	$(call CUDA_CARGO,test --release --features cuda --test cuda -- --nocapture)
 
 # End-to-end throughput of a synthetic 2B-4T model against its dense baseline, no download
-# (README "Benchmarks"); under 10 minutes on 2 CPU cores.
+# (docs/benchmarks.md); under 10 minutes on 2 CPU cores.
 bench:
 	$(CARGO) run --release -- bench --preset 2b-4t --json target/bench-cpu.json
 

@@ -447,7 +447,7 @@ impl BenchReport {
             .map_err(|e| candle_core::Error::Msg(format!("cannot write {}: {e}", path.display())))
     }
 
-    /// The report as a Markdown table (it goes into the README as printed).
+    /// The report as a Markdown table (it goes into docs/benchmarks.md as printed).
     pub fn table(&self) -> String {
         let dense_name = format!("dense {}", format!("{:?}", self.dense_dtype).to_lowercase());
         let bw = self.measured_bandwidth_bytes_per_s;

@@ -1,18 +1,21 @@
-//! Text generation around [`BitnetForCausalLM`]: tokenizer, chat template, sampling, the
-//! prefill + decode loop, streaming detokenization and timing.
+//! Text generation around [`crate::BitnetModel`]: tokenizer, chat template, generation
+//! defaults, streaming detokenization and timing; one sequence at a time ([`Generator`]),
+//! through the same stepping code as the batching [`crate::engine`].
 //!
 //! - Raw prompts are tokenized with the tokenizer's own special-token rules (the Llama 3
 //!   post-processor of 2B-4T prepends `<|begin_of_text|>`); chat prompts are rendered from
 //!   `tokenizer_config.json`'s `chat_template` with minijinja and tokenized without added
 //!   specials, as `transformers`' `apply_chat_template` does (the template writes the BOS).
-//! - Sampling reuses candle-transformers' [`LogitsProcessor`] (greedy, temperature, top-k, top-p)
-//!   plus min-p and a windowed repeat penalty; defaults come from `generation_config.json`.
+//! - Sampling (in [`crate::engine`]) reuses candle-transformers' `LogitsProcessor` (temperature,
+//!   top-k, top-p) plus greedy first-maximum, min-p and penalties; defaults come from
+//!   `generation_config.json`.
 //! - Generation stops on every EOS id of `generation_config.json` (2B-4T: 128001, 128009).
 
 use crate::engine::{run_single, Event, FinishReason, Request};
 use crate::hub::ModelFiles;
-use crate::model::{BitnetModel, KvCache, LoadOptions};
-use crate::{fail, Error, Result};
+use crate::model::{BitnetModel, KvCache};
+use crate::LoadOptions;
+use crate::{fail, Error, ErrorKind, Result};
 use crate::{weights, Config};
 use candle_core::{bail, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -375,16 +378,22 @@ const REPLY_MARKER: &str = "\u{1}bitnet-reply\u{1}";
 impl Generator {
     /// Loads `model` (a hub id, fetched at `revision`, or a directory) onto `device`.
     pub fn from_pretrained(model: &str, revision: &str, device: &Device) -> Result<Self> {
-        Self::load(&ModelFiles::resolve(model, revision)?, device)
+        let files = ModelFiles::resolve(model, revision).map_err(model_fault)?;
+        Self::load(&files, device)
     }
 
-    /// Loads resolved files onto `device`, in [`device::compute_dtype`].
+    /// Loads resolved files onto `device`, in [`crate::device::compute_dtype`].
     pub fn load(files: &ModelFiles, device: &Device) -> Result<Self> {
         Self::load_with(files, &LoadOptions::new(device))
     }
 
-    /// Loads resolved files as `opts` says.
+    /// Loads resolved files as `opts` says. Failures are the model's ([`ErrorKind::Model`])
+    /// unless they are the device's.
     pub fn load_with(files: &ModelFiles, opts: &LoadOptions) -> Result<Self> {
+        Self::load_files(files, opts).map_err(model_fault)
+    }
+
+    fn load_files(files: &ModelFiles, opts: &LoadOptions) -> Result<Self> {
         let cfg = Config::from_file(&files.config)?;
         // Tokenizer first: a broken one should fail before gigabytes of weights are mapped.
         let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| {
@@ -676,6 +685,15 @@ impl Generator {
             decode_secs: run.decode_secs,
             prompt_logits: run.prompt_logits,
         })
+    }
+}
+
+/// A failure while finding or loading a model is the model's, unless a kind says otherwise.
+fn model_fault(e: impl Into<Error>) -> Error {
+    let e = e.into();
+    match e.kind() {
+        ErrorKind::Internal => e.with_kind(ErrorKind::Model),
+        _ => e,
     }
 }
 

@@ -38,10 +38,11 @@ pub mod weights;
 
 pub use bitlinear::BitLinear;
 pub use config::Config;
+pub use device::{HeadDtype, LoadOptions};
 pub use engine::{
     Engine, EngineHandle, EngineOptions, Event, FinishReason, Request, SamplingParams,
 };
 pub use error::{Context, Error, ErrorKind, Result};
 pub use generate::{GenerationParams, Generator, Message};
 pub use hub::ModelFiles;
-pub use model::{BitnetForCausalLM, BitnetModel, KvCache, LoadOptions, Logits};
+pub use model::{BitnetForCausalLM, BitnetModel, KvCache, Logits};

@@ -54,54 +54,6 @@ impl RotaryEmbedding {
     }
 }
 
-/// How to load a model: where, in which dtype, and the head's precision.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    pub device: Device,
-    /// Norms, embeddings and activations; `None` picks [`crate::device::compute_dtype`].
-    pub dtype: Option<DType>,
-    pub head: HeadDtype,
-}
-
-/// The precision of the embedding and LM head (the largest matrix a decoded token reads).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum HeadDtype {
-    /// bf16 when the checkpoint stores bf16 and the CPU computes in f32 (exact: bf16 holds
-    /// those values, and the head streams half the bytes); otherwise the compute dtype.
-    #[default]
-    Auto,
-    /// The compute dtype.
-    Compute,
-}
-
-impl LoadOptions {
-    pub fn new(device: &Device) -> Self {
-        Self {
-            device: device.clone(),
-            dtype: None,
-            head: HeadDtype::Auto,
-        }
-    }
-
-    pub fn compute_dtype(&self) -> DType {
-        self.dtype
-            .unwrap_or_else(|| crate::device::compute_dtype(&self.device))
-    }
-
-    /// The dtype to hold the embedding and head in, given the dtype they are stored in.
-    pub fn head_dtype(&self, stored: DType) -> DType {
-        let compute = self.compute_dtype();
-        match self.head {
-            HeadDtype::Auto
-                if self.device.is_cpu() && compute == DType::F32 && stored == DType::BF16 =>
-            {
-                DType::BF16
-            }
-            HeadDtype::Auto | HeadDtype::Compute => compute,
-        }
-    }
-}
-
 /// One sequence's keys and values for every layer. The caller owns it (one per sequence) and
 /// passes it to each forward; [`BitnetModel::new_kv_cache`] makes an empty one.
 #[derive(Debug, Clone)]
@@ -406,7 +358,7 @@ impl BitnetModel {
     }
 
     /// Like [`Self::new`], with the embedding and head held in `head_dtype`
-    /// ([`crate::weights::LoadOptions`] picks it).
+    /// ([`crate::LoadOptions`] picks it).
     pub fn new_with_head_dtype(cfg: &Config, vb: VarBuilder, head_dtype: DType) -> Result<Self> {
         cfg.validate()?;
         let vb_m = vb.pp("model");

@@ -14,7 +14,8 @@
 //! - `8b`: `HF1BitLLM/Llama3-8B-1.58-100B-tokens` (Llama-3-8B shapes, untied `lm_head`).
 
 use crate::config::{Config, EosTokenId, QuantizationConfig};
-use crate::model::{BitnetModel, LoadOptions};
+use crate::model::BitnetModel;
+use crate::LoadOptions;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;

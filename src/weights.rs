@@ -5,7 +5,8 @@
 //! does not match the request (packed codes must be stored as U8, everything else as floats)
 //! or whose shape differs, before any data is converted.
 
-use crate::model::{BitnetModel, LoadOptions};
+use crate::model::BitnetModel;
+use crate::LoadOptions;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{bail, DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -157,7 +158,7 @@ pub fn var_builder(
 }
 
 /// Builds the model from checkpoint files as `opts` says; the head dtype is chosen here, from
-/// what the files store ([`crate::model::LoadOptions::head_dtype`]).
+/// what the files store ([`crate::LoadOptions::head_dtype`]).
 pub fn load_model(
     cfg: &crate::Config,
     paths: &[PathBuf],

@@ -568,3 +568,28 @@ fn a_spawned_engine_serves_handles_from_other_threads() -> Result<()> {
     assert!(e.to_string().contains("not running"), "{e}");
     Ok(())
 }
+
+#[test]
+fn errors_say_whose_fault_they_are() -> Result<()> {
+    let missing = Generator::from_pretrained("/no/such/model/dir", "main", &Device::Cpu)
+        .err()
+        .expect("no such model");
+    assert_eq!(missing.kind(), ErrorKind::Model, "{missing}");
+    let dir = tempfile::tempdir()?;
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture_dir().join(f), dir.path().join(f))?;
+    }
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        b"not a safetensors file",
+    )?;
+    let corrupt =
+        Generator::from_pretrained(&dir.path().display().to_string(), "main", &Device::Cpu)
+            .err()
+            .expect("corrupt weights");
+    assert_eq!(corrupt.kind(), ErrorKind::Model, "{corrupt}");
+    let gen = generator()?;
+    let empty = gen.encode("").unwrap_err();
+    assert_eq!(empty.kind(), ErrorKind::Input, "{empty}");
+    Ok(())
+}

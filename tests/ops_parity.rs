@@ -213,3 +213,36 @@ fn activation_quantization_edge_rows_match_the_reference() -> Result<()> {
     assert_eq!((q[1], q[34], q[35], q[36]), (-34, 0, 0, 2));
     Ok(())
 }
+
+/// Batched decode gives a sequence the same logits as alone: each token's head result is the
+/// same bits whatever else is in the call (every kernel, groups and leftovers of any size).
+#[test]
+fn head_results_do_not_depend_on_the_other_tokens() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (vocab, hidden) = (150, 2560 + 7);
+    let w: Vec<half::bf16> = (0..vocab * hidden)
+        .map(|_| half::bf16::from_f32(rng.random_range(-0.1..0.1)))
+        .collect();
+    let x: Vec<f32> = (0..17 * hidden)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    for &kernel in Kernel::available() {
+        let mut alone = vec![f32::NAN; 17 * vocab];
+        for (x, y) in x.chunks(hidden).zip(alone.chunks_mut(vocab)) {
+            matmul_bf16(kernel, x, &w, hidden, y)?;
+        }
+        for n in [2, 5, 8, 9, 17] {
+            let mut y = vec![f32::NAN; n * vocab];
+            matmul_bf16(kernel, &x[..n * hidden], &w, hidden, &mut y)?;
+            let same = y
+                .iter()
+                .zip(&alone)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{kernel:?}: {n} tokens together differ from each alone"
+            );
+        }
+    }
+    Ok(())
+}

@@ -124,45 +124,82 @@ pub(super) struct Task<'a> {
     out: OutPtr,
 }
 
+/// Vocabulary rows revisited by every token group while they sit in L2 (64 rows of 2560 bf16
+/// are 320 KiB).
+const L2_ROWS: usize = 64;
+
 /// f32 lanes per accumulator: several independent FMA chains hide the add latency.
 const LANES: usize = 32;
 
 impl Task<'_> {
-    /// Groups of `T` tokens (outer: they stay in L1) against every row of the block. `FMA`
-    /// selects `mul_add`, which is one instruction where the caller enabled FMA and a slow
-    /// library call otherwise.
+    /// Groups of `T` tokens (they stay in L1) against every row of an L2-sized slice of the
+    /// block, slice after slice: with many tokens (batched decode) the weights still come from
+    /// memory once. `FMA` selects `mul_add`, which is one instruction where the caller enabled
+    /// FMA and a slow library call otherwise.
     #[inline(always)]
     pub(super) fn run<const T: usize, const FMA: bool>(&self) {
+        self.run_with::<T>(dot_rows::<T, FMA>, dot_rows::<1, FMA>)
+    }
+
+    /// [`Self::run`] with the dot products of `T` tokens and of one token supplied.
+    #[inline(always)]
+    pub(super) fn run_with<const T: usize>(
+        &self,
+        dot: impl Fn(&[bf16], &[f32]) -> [f32; T],
+        dot1: impl Fn(&[bf16], &[f32]) -> [f32; 1],
+    ) {
         let h = self.hidden;
-        for (g, xs) in self.x.chunks(T * h).enumerate() {
-            let nt = xs.len() / h;
-            for (i, w) in self.w.chunks_exact(h).enumerate() {
-                let dots = if nt == T {
-                    dot_rows::<T, FMA>(w, xs)
-                } else {
-                    let mut dots = [0f32; T];
-                    for (d, x) in dots.iter_mut().zip(xs.chunks_exact(h)) {
-                        *d = dot_rows::<1, FMA>(w, x)[0];
-                    }
-                    dots
-                };
-                for (t, &d) in dots.iter().enumerate().take(nt) {
-                    // SAFETY: t < n and v0 + i < vocab, so the index is inside `y`; tasks own
-                    // disjoint vocabulary rows, and `y` outlives the parallel loop.
-                    unsafe { self.out.write((g * T + t) * self.vocab + self.v0 + i, d) };
+        for (s, ws) in self.w.chunks(L2_ROWS * h).enumerate() {
+            for (g, xs) in self.x.chunks(T * h).enumerate() {
+                self.run_slice::<T>(ws, s * L2_ROWS, g, xs, &dot, &dot1);
+            }
+        }
+    }
+
+    /// Token group `g` (`xs`) against the rows `ws`, which start at row `r0` of the block.
+    #[inline(always)]
+    fn run_slice<const T: usize>(
+        &self,
+        ws: &[bf16],
+        r0: usize,
+        g: usize,
+        xs: &[f32],
+        dot: impl Fn(&[bf16], &[f32]) -> [f32; T],
+        dot1: impl Fn(&[bf16], &[f32]) -> [f32; 1],
+    ) {
+        let h = self.hidden;
+        let nt = xs.len() / h;
+        for (i, w) in ws.chunks_exact(h).enumerate() {
+            let dots = if nt == T {
+                dot(w, xs)
+            } else {
+                let mut dots = [0f32; T];
+                for (d, x) in dots.iter_mut().zip(xs.chunks_exact(h)) {
+                    *d = dot1(w, x)[0];
                 }
+                dots
+            };
+            for (t, &d) in dots.iter().enumerate().take(nt) {
+                // SAFETY: t < n and v0 + r0 + i < vocab, so the index is inside `y`; tasks own
+                // disjoint vocabulary rows, and `y` outlives the parallel loop.
+                let v = self.v0 + r0 + i;
+                unsafe { self.out.write((g * T + t) * self.vocab + v, d) };
             }
         }
     }
 }
 
-/// Dot products of one bf16 row with `T` f32 rows (`xs: [T, w.len()]`).
+/// Dot products of one bf16 row with `T` f32 rows (`xs: [T, w.len()]`). Every token's lanes
+/// accumulate in the same order whatever `T` is, so a token's result does not depend on the
+/// others; the fixed-size chunks are what lets the compiler keep the lanes in vector registers.
 #[inline(always)]
 fn dot_rows<const T: usize, const FMA: bool>(w: &[bf16], xs: &[f32]) -> [f32; T] {
     let h = w.len();
     let mut acc = [[0f32; LANES]; T];
     let (w_chunks, w_tail) = w.as_chunks::<LANES>();
     let full = w_chunks.len() * LANES;
+    let x_chunks: [&[[f32; LANES]]; T] =
+        std::array::from_fn(|t| xs[t * h..t * h + full].as_chunks::<LANES>().0);
     for (c, wc) in w_chunks.iter().enumerate() {
         // A plain loop, not `array::map`: that stays an out-of-line call without the caller's
         // target features.
@@ -170,10 +207,14 @@ fn dot_rows<const T: usize, const FMA: bool>(w: &[bf16], xs: &[f32]) -> [f32; T]
         for (f, &w) in wf.iter_mut().zip(wc) {
             *f = widen(w);
         }
-        for (t, acc) in acc.iter_mut().enumerate() {
-            let xc = &xs[t * h + c * LANES..t * h + (c + 1) * LANES];
-            for ((a, &w), &x) in acc.iter_mut().zip(&wf).zip(xc) {
-                *a = if FMA { w.mul_add(x, *a) } else { *a + w * x };
+        for (acc, x) in acc.iter_mut().zip(&x_chunks) {
+            let xc = &x[c];
+            for l in 0..LANES {
+                acc[l] = if FMA {
+                    wf[l].mul_add(xc[l], acc[l])
+                } else {
+                    acc[l] + wf[l] * xc[l]
+                };
             }
         }
     }
@@ -184,6 +225,52 @@ fn dot_rows<const T: usize, const FMA: bool>(w: &[bf16], xs: &[f32]) -> [f32; T]
             .zip(&xs[t * h + full..(t + 1) * h])
             .map(|(&w, &x)| widen(w) * x);
         *d = acc.iter().copied().chain(tail).sum();
+    }
+    dots
+}
+
+/// [`dot_rows`] with FMA in AVX-512 registers: each token's 32 lanes are two zmm accumulators
+/// holding exactly the lanes of the portable code, so the results are the same bits. (The
+/// compiler scalarizes the portable loop for `T > 1`.)
+///
+/// # Safety
+/// The CPU must support AVX-512F; `xs` holds `T` rows of `w.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+pub(super) unsafe fn dot_rows_avx512<const T: usize>(w: &[bf16], xs: &[f32]) -> [f32; T] {
+    use std::arch::x86_64::*;
+    let h = w.len();
+    let chunks = h / LANES;
+    let full = chunks * LANES;
+    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    let (wp, xp) = (w.as_ptr() as *const u16, xs.as_ptr());
+    for c in 0..chunks {
+        let mut wf = [_mm512_setzero_ps(); 2];
+        for (half, wf) in wf.iter_mut().enumerate() {
+            // SAFETY: c·LANES + half·16 + 16 ≤ full ≤ h elements of `w`.
+            let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                wp.add(c * LANES + half * 16) as *const __m256i
+            ));
+            *wf = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits));
+        }
+        for (t, acc) in acc.iter_mut().enumerate() {
+            for half in 0..2 {
+                // SAFETY: t < T rows of h, and the offset is inside the row's full chunks.
+                let x = _mm512_loadu_ps(xp.add(t * h + c * LANES + half * 16));
+                acc[half] = _mm512_fmadd_ps(wf[half], x, acc[half]);
+            }
+        }
+    }
+    let mut dots = [0f32; T];
+    for (t, (d, acc)) in dots.iter_mut().zip(&acc).enumerate() {
+        let mut lanes = [0f32; LANES];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+        _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[1]);
+        let tail = w[full..]
+            .iter()
+            .zip(&xs[t * h + full..(t + 1) * h])
+            .map(|(&w, &x)| widen(w) * x);
+        *d = lanes.iter().copied().chain(tail).sum();
     }
     dots
 }

@@ -71,7 +71,7 @@ impl Kernel {
             Kernel::Portable => true,
             Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
             // Verified bit-exact by the parity tests under emulation (bochs's Tiger Lake model,
-            // scripts/avx512-emulated.sh): the machines this was written on have no AVX-512.
+            // dev/avx512-emulated.sh), then on AVX-512 hardware (docs/status.md).
             Kernel::Avx512Vnni => {
                 std::env::var_os(AVX512_ENV).is_none_or(|v| v != "0")
                     && is_x86_feature_detected!("avx512f")

@@ -225,13 +225,17 @@ pub(super) unsafe fn head_avx2(task: super::head::Task) {
     task.run::<2, true>()
 }
 
-/// The LM head block compiled for AVX-512F: zmm FMA, four tokens per pass (32 zmm registers).
+/// The LM head block with AVX-512F intrinsics: zmm FMA, eight tokens per pass (16 of 32 zmm).
 ///
 /// # Safety
 /// The CPU must support AVX-512F and FMA.
 #[target_feature(enable = "avx512f,fma")]
 pub(super) unsafe fn head_avx512(task: super::head::Task) {
-    task.run::<4, true>()
+    // SAFETY: AVX-512F and FMA are enabled here, as the caller guarantees.
+    task.run_with::<8>(
+        |w, xs| unsafe { super::head::dot_rows_avx512::<8>(w, xs) },
+        |w, xs| unsafe { super::head::dot_rows_avx512::<1>(w, xs) },
+    )
 }
 
 /// Activation quantization compiled for AVX2 (vector `roundps`, `maxps`).

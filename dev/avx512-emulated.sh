@@ -6,7 +6,7 @@
 # Prints the guest's console and exits 0 only if every test passed in a guest that has VNNI.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-HERE=$ROOT/scripts/avx512-emulated
+HERE=$ROOT/dev/avx512-emulated
 WORK=${AVX512_EMULATED_WORK:-$ROOT/target/avx512-emulated}
 TESTS=$("$HERE/list-tests.sh" "$ROOT/tests/ops_parity.rs")
 mkdir -p "$WORK/debs" "$WORK/root"
