@@ -233,14 +233,21 @@ impl Drop for Server {
     }
 }
 
-/// One streamed completion: (time to first token, tokens generated).
-fn stream_request(addr: &str, prompt: &[u32], max_tokens: usize) -> Result<(Duration, usize)> {
+/// One streamed completion, timed from `since`.
+struct Timing {
+    sent: Duration,
+    first_token: Duration,
+    done: Duration,
+    tokens: usize,
+}
+
+fn stream_request(addr: &str, prompt: &[u32], max_tokens: usize, since: Instant) -> Result<Timing> {
     let body = json!({
         "model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
         "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true},
     })
     .to_string();
-    let started = Instant::now();
+    let sent = since.elapsed();
     let mut conn = TcpStream::connect(addr)?;
     // HTTP/1.0: the body ends when the connection closes, no chunked framing to parse.
     write!(
@@ -274,14 +281,19 @@ fn stream_request(addr: &str, prompt: &[u32], max_tokens: usize) -> Result<(Dura
                 .as_str()
                 .is_some_and(|t| !t.is_empty())
         {
-            first = Some(started.elapsed());
+            first = Some(since.elapsed());
         }
         if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
             tokens = Some(n as usize);
         }
     }
     match (first, tokens) {
-        (Some(ttft), Some(n)) => Ok((ttft, n)),
+        (Some(first_token), Some(tokens)) => Ok(Timing {
+            sent,
+            first_token,
+            done: since.elapsed(),
+            tokens,
+        }),
         _ => bail!("the stream ended without tokens or usage"),
     }
 }
@@ -292,11 +304,17 @@ struct Level {
     tokens: usize,
     secs: f64,
     ttft: Vec<f64>,
+    /// From the first first token to the last token: the decode phase.
+    decode_secs: f64,
 }
 
 impl Level {
     fn tokens_per_s(&self) -> f64 {
         self.tokens as f64 / self.secs
+    }
+    /// Tokens after each request's first, over the decode phase.
+    fn decode_tokens_per_s(&self) -> f64 {
+        (self.tokens - self.requests) as f64 / self.decode_secs
     }
     fn ttft_quantile(&self, q: f64) -> f64 {
         let mut t = self.ttft.clone();
@@ -307,7 +325,7 @@ impl Level {
 
 fn run_level(addr: &str, opts: &Options, cfg: &Config, clients: usize) -> Result<Level> {
     let started = Instant::now();
-    let results: Vec<Result<Vec<(Duration, usize)>>> = std::thread::scope(|s| {
+    let results: Vec<Result<Vec<Timing>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..clients)
             .map(|c| {
                 s.spawn(move || {
@@ -316,7 +334,7 @@ fn run_level(addr: &str, opts: &Options, cfg: &Config, clients: usize) -> Result
                             let seed = (clients * 1000 + c * opts.rounds + r) as u64;
                             let prompt =
                                 synthetic::token_ids(opts.prompt_len, cfg.vocab_size, seed);
-                            stream_request(addr, &prompt, opts.max_tokens)
+                            stream_request(addr, &prompt, opts.max_tokens, started)
                         })
                         .collect()
                 })
@@ -328,30 +346,32 @@ fn run_level(addr: &str, opts: &Options, cfg: &Config, clients: usize) -> Result
             .collect()
     });
     let secs = started.elapsed().as_secs_f64();
-    let mut level = Level {
-        clients,
-        requests: 0,
-        tokens: 0,
-        secs,
-        ttft: vec![],
-    };
-    for (ttft, tokens) in results
+    let timings: Vec<Timing> = results
         .into_iter()
         .collect::<Result<Vec<_>>>()?
         .into_iter()
         .flatten()
-    {
-        if tokens != opts.max_tokens {
-            bail!(
-                "a request generated {tokens} tokens, asked {}",
-                opts.max_tokens
-            )
-        }
-        level.requests += 1;
-        level.tokens += tokens;
-        level.ttft.push(ttft.as_secs_f64());
+        .collect();
+    if let Some(t) = timings.iter().find(|t| t.tokens != opts.max_tokens) {
+        bail!(
+            "a request generated {} tokens, asked {}",
+            t.tokens,
+            opts.max_tokens
+        )
     }
-    Ok(level)
+    let first = timings.iter().map(|t| t.first_token).min();
+    let last = timings.iter().map(|t| t.done).max();
+    Ok(Level {
+        clients,
+        requests: timings.len(),
+        tokens: timings.iter().map(|t| t.tokens).sum(),
+        secs,
+        ttft: timings
+            .iter()
+            .map(|t| (t.first_token - t.sent).as_secs_f64())
+            .collect(),
+        decode_secs: last.zip(first).map_or(0.0, |(l, f)| (l - f).as_secs_f64()),
+    })
 }
 
 fn main() -> Result<()> {
@@ -368,19 +388,20 @@ fn main() -> Result<()> {
         opts.device_args.join(" ")
     );
     // Warm-up: first-touch of the mapped weights and the allocator.
-    stream_request(&server.addr, &[1, 2, 3], 4)?;
+    stream_request(&server.addr, &[1, 2, 3], 4, Instant::now())?;
     let mut levels = vec![];
-    println!("| clients | requests | tokens | seconds | aggregate tokens/s | per-client tokens/s | TTFT p50 ms | TTFT p90 ms |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| clients | requests | tokens | seconds | aggregate tokens/s | decode-phase tokens/s | per-client tokens/s | TTFT p50 ms | TTFT p90 ms |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &clients in &opts.clients {
         let l = run_level(&server.addr, &opts, &cfg, clients)?;
         println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} |",
             l.clients,
             l.requests,
             l.tokens,
             l.secs,
             l.tokens_per_s(),
+            l.decode_tokens_per_s(),
             l.tokens_per_s() / l.clients as f64,
             l.ttft_quantile(0.5) * 1e3,
             l.ttft_quantile(0.9) * 1e3
@@ -409,6 +430,7 @@ fn main() -> Result<()> {
                 "generated_tokens": l.tokens,
                 "seconds": l.secs,
                 "aggregate_tokens_per_s": l.tokens_per_s(),
+                "decode_phase_tokens_per_s": l.decode_tokens_per_s(),
                 "ttft_p50_s": l.ttft_quantile(0.5),
                 "ttft_p90_s": l.ttft_quantile(0.9),
             })).collect::<Vec<_>>(),
