@@ -38,7 +38,7 @@ impl BitLinear {
         }
         // Codes are checked, and latent weights ternarized, on the host; only codes reach the device.
         let host = vb.clone().set_device(Device::Cpu);
-        let (packed, w_div) = match cfg.quantization_mode()? {
+        let (packed, w_div) = match cfg.quantization_mode() {
             QuantizationMode::Offline => {
                 let packed = host.get_with_hints_dtype(
                     (out_features / 4, in_features),
@@ -48,7 +48,7 @@ impl BitLinear {
                 )?;
                 check_codes(&packed, &vb.prefix())?;
                 let scale = read_scalar(&vb, "weight_scale")?;
-                let w_div = match cfg.linear_class()? {
+                let w_div = match cfg.linear_class() {
                     LinearClass::BitLinear => scale,
                     LinearClass::AutoBitLinear => 1.0 / scale,
                 };

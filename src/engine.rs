@@ -17,6 +17,7 @@
 
 use crate::generate::{argmax, Detokenizer, GenerationParams};
 use crate::model::{BitnetModel, KvCache, Logits, SeqInput};
+use crate::tokenizer::Tokenizer;
 use crate::{Error, ErrorKind, Generator, Result};
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
@@ -25,7 +26,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
-use tokenizers::Tokenizer;
 
 /// At most this many alternatives per token with [`Request::logprobs`].
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -913,7 +913,7 @@ impl Sampler {
     fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<(u32, Option<TokenLogprob>)> {
         if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
             return Err(Error::model(format!(
-                "the model produced a non-finite logit ({} for token {i}): the weights are probably corrupt",
+                "the model produced non-finite logits ({} for token {i}): the weights are corrupt",
                 logits[i]
             )));
         }
@@ -940,9 +940,10 @@ impl Sampler {
             }
         }
         if logits.iter().any(|v| !v.is_finite()) {
-            return Err(Error::input(
-                "the sampling penalties made the logits non-finite: use a repeat penalty nearer 1",
-            ));
+            return Err(Error::input(format!(
+                "the repeat penalty {} (presence {}, frequency {}) produced non-finite logits: a generation parameter is out of range",
+                p.repeat_penalty, p.presence_penalty, p.frequency_penalty
+            )));
         }
         if self.greedy {
             let id = argmax(&logits).ok_or_else(|| Error::internal("empty logits"))?;
@@ -1018,7 +1019,7 @@ impl TextStream {
 
     /// The text to emit after `id`, and whether a stop string was reached.
     fn push(&mut self, id: u32) -> Result<(String, bool)> {
-        let piece = self.detokenizer.next_token(&self.tokenizer, id)?;
+        let piece = self.detokenizer.next_token(self.tokenizer.inner(), id)?;
         self.held.push_str(&piece.unwrap_or_default());
         if let Some(at) = self
             .stop_strings
@@ -1043,7 +1044,7 @@ impl TextStream {
 
     /// Everything still held back, at the end of the generation.
     fn flush(&mut self) -> Result<String> {
-        let tail = self.detokenizer.flush(&self.tokenizer)?;
+        let tail = self.detokenizer.flush(self.tokenizer.inner())?;
         self.held.push_str(&tail.unwrap_or_default());
         Ok(std::mem::take(&mut self.held))
     }

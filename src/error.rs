@@ -98,13 +98,20 @@ impl Error {
 }
 
 /// A candle error's text without the backtrace candle captures under `RUST_BACKTRACE`.
-fn candle_message(e: &candle_core::Error) -> String {
+pub(crate) fn candle_message(e: &candle_core::Error) -> String {
     use candle_core::Error as E;
     match e {
         E::WithBacktrace { inner, .. } => candle_message(inner),
         E::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
         E::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
         e => e.to_string(),
+    }
+}
+
+/// For model code on candle's `Result` calling the library (the message is kept, not the kind).
+impl From<Error> for candle_core::Error {
+    fn from(e: Error) -> Self {
+        candle_core::Error::Msg(e.to_string())
     }
 }
 

@@ -12,16 +12,15 @@
 //! - Generation stops on every EOS id of `generation_config.json` (2B-4T: 128001, 128009).
 
 use crate::engine::{run_single, Event, FinishReason, Request};
+use crate::generation_config::GenerationConfig;
 use crate::hub::ModelFiles;
 use crate::model::{BitnetModel, KvCache};
-use crate::LoadOptions;
-use crate::{fail, Error, ErrorKind, Result};
+pub use crate::template::{ChatTemplate, Message};
+use crate::tokenizer::{decode, Tokenizer};
+use crate::{fail, Error, ErrorKind, LoadOptions, Result};
 use crate::{weights, Config};
-use candle_core::{bail, Device, Tensor};
-use serde::{Deserialize, Serialize};
-use std::path::Path;
+use candle_core::{Device, Tensor};
 use std::sync::Arc;
-use tokenizers::Tokenizer;
 
 /// Sampling and stopping settings of one generation.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,159 +74,17 @@ impl GenerationParams {
     }
 }
 
-/// The `generation_config.json` keys we use.
-#[derive(Debug, Clone, Default, Deserialize)]
-struct GenerationConfig {
-    eos_token_id: Option<crate::config::EosTokenId>,
-    do_sample: Option<bool>,
-    temperature: Option<f64>,
-    top_k: Option<usize>,
-    top_p: Option<f64>,
-    min_p: Option<f64>,
-    repetition_penalty: Option<f32>,
-    max_new_tokens: Option<usize>,
-}
-
-impl GenerationConfig {
-    fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::model(format!("cannot read {}: {e}", path.display())))?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::model(format!("invalid {}: {e}", path.display())))
-    }
-
-    /// Like `transformers`: sampling settings apply only when `do_sample` is true.
-    fn params(&self) -> GenerationParams {
-        let mut p = GenerationParams::default();
-        if self.do_sample == Some(true) {
-            p.temperature = self.temperature.unwrap_or(1.0);
-            // transformers' GenerationConfig defaults top_k to 50; 0 turns it off.
-            p.top_k = Some(self.top_k.unwrap_or(50)).filter(|k| *k > 0);
-            p.top_p = self.top_p.filter(|p| *p < 1.0);
-            p.min_p = self.min_p;
-        }
-        p.repeat_penalty = self.repetition_penalty.unwrap_or(1.0);
-        p.max_tokens = self.max_new_tokens.unwrap_or(p.max_tokens);
-        p
-    }
-}
-
-/// One chat message, as chat templates expect it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: &str, content: &str) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-    pub fn system(content: &str) -> Self {
-        Self::new("system", content)
-    }
-    pub fn user(content: &str) -> Self {
-        Self::new("user", content)
-    }
-    pub fn assistant(content: &str) -> Self {
-        Self::new("assistant", content)
-    }
-}
-
-/// `tokenizer_config.json`'s `chat_template`, compiled, with the special tokens it refers to.
-pub struct ChatTemplate {
-    env: minijinja::Environment<'static>,
-    bos_token: String,
-    eos_token: String,
-}
-
-impl ChatTemplate {
-    /// `None` when the file has no `chat_template`.
-    pub fn from_tokenizer_config(path: &Path) -> candle_core::Result<Option<Self>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| candle_core::Error::Msg(format!("cannot read {}: {e}", path.display())))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| candle_core::Error::Msg(format!("invalid {}: {e}", path.display())))?;
-        // A plain string, or (newer configs) a list of named templates.
-        let source = match &json["chat_template"] {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Array(list) => match list
-                .iter()
-                .find(|t| t["name"] == "default")
-                .and_then(|t| t["template"].as_str())
-            {
-                Some(s) => s.to_string(),
-                None => bail!("{}: no \"default\" chat template", path.display()),
-            },
-            _ => return Ok(None),
-        };
-        // Special tokens are strings, or {"content": ...} objects in older configs.
-        let token = |key: &str| {
-            let v = &json[key];
-            v.as_str()
-                .or_else(|| v["content"].as_str())
-                .unwrap_or_default()
-                .to_string()
-        };
-        Self::new(&source, &token("bos_token"), &token("eos_token")).map(Some)
-    }
-
-    /// Compiles `source` with the Jinja settings `transformers` uses (trim and lstrip blocks,
-    /// `raise_exception`).
-    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> candle_core::Result<Self> {
-        let mut env = minijinja::Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template_owned("chat", source.to_string())
-            .map_err(|e| candle_core::Error::Msg(format!("invalid chat template: {e}")))?;
-        Ok(Self {
-            env,
-            bos_token: bos_token.into(),
-            eos_token: eos_token.into(),
-        })
-    }
-
-    pub fn render(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-    ) -> candle_core::Result<String> {
-        let render = || {
-            self.env.get_template("chat")?.render(minijinja::context! {
-                messages => messages,
-                bos_token => &self.bos_token,
-                eos_token => &self.eos_token,
-                add_generation_prompt => add_generation_prompt,
-            })
-        };
-        render()
-            .map_err(|e| candle_core::Error::Msg(format!("cannot render the chat template: {e}")))
-    }
-}
-
 /// Incremental detokenizer: text pieces for a growing list of token ids that never end inside
 /// a multi-byte character. A character split across tokens decodes to U+FFFD until its last
 /// byte arrives, so pieces ending in U+FFFD wait (for at most 3 more tokens: a UTF-8 character
 /// has at most 4 bytes; longer runs are invalid bytes and are let through as U+FFFD).
 pub struct TokenOutputStream<'a> {
-    tokenizer: &'a Tokenizer,
+    tokenizer: &'a tokenizers::Tokenizer,
     state: Detokenizer,
 }
 
 impl<'a> TokenOutputStream<'a> {
-    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+    pub fn new(tokenizer: &'a tokenizers::Tokenizer) -> Self {
         Self {
             tokenizer,
             state: Detokenizer::default(),
@@ -259,7 +116,11 @@ pub struct Detokenizer {
 }
 
 impl Detokenizer {
-    pub fn next_token(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<Option<String>> {
+    pub fn next_token(
+        &mut self,
+        tokenizer: &tokenizers::Tokenizer,
+        id: u32,
+    ) -> Result<Option<String>> {
         self.tokens.push(id);
         let pending = self.tokens.len() - self.current;
         let text = decode(tokenizer, &self.tokens[self.prev..])?;
@@ -269,25 +130,19 @@ impl Detokenizer {
         self.advance(tokenizer, &text)
     }
 
-    pub fn flush(&mut self, tokenizer: &Tokenizer) -> Result<Option<String>> {
+    pub fn flush(&mut self, tokenizer: &tokenizers::Tokenizer) -> Result<Option<String>> {
         let text = decode(tokenizer, &self.tokens[self.prev..])?;
         self.advance(tokenizer, &text)
     }
 
     /// The part of `text` (the decoding of `tokens[prev..]`) not emitted yet.
-    fn advance(&mut self, tokenizer: &Tokenizer, text: &str) -> Result<Option<String>> {
+    fn advance(&mut self, tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Option<String>> {
         let emitted = decode(tokenizer, &self.tokens[self.prev..self.current])?;
         let start = emitted.len();
         self.prev = self.current;
         self.current = self.tokens.len();
         Ok((text.len() > start && text.is_char_boundary(start)).then(|| text[start..].to_string()))
     }
-}
-
-fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
-    tokenizer
-        .decode(ids, true)
-        .map_err(|e| Error::internal(format!("cannot decode tokens: {e}")))
 }
 
 /// The index of the first maximum (greedy decoding picks the first of equal logits, as torch
@@ -396,12 +251,7 @@ impl Generator {
     fn load_files(files: &ModelFiles, opts: &LoadOptions) -> Result<Self> {
         let cfg = Config::from_file(&files.config)?;
         // Tokenizer first: a broken one should fail before gigabytes of weights are mapped.
-        let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| {
-            Error::model(format!(
-                "cannot load tokenizer {}: {e}",
-                files.tokenizer.display()
-            ))
-        })?;
+        let tokenizer = Tokenizer::from_file(&files.tokenizer)?;
         let template = match &files.tokenizer_config {
             Some(p) => ChatTemplate::from_tokenizer_config(p)?,
             None => None,
@@ -410,11 +260,9 @@ impl Generator {
             Some(p) => GenerationConfig::from_file(p)?,
             None => GenerationConfig::default(),
         };
-        let eos_token_ids = match &gen_cfg.eos_token_id {
-            Some(crate::config::EosTokenId::Single(id)) => vec![*id],
-            Some(crate::config::EosTokenId::Multiple(ids)) => ids.clone(),
-            None => cfg.eos_token_ids(),
-        };
+        let eos_token_ids = gen_cfg
+            .eos_token_ids()
+            .unwrap_or_else(|| cfg.eos_token_ids());
         let model = weights::load_model(&cfg, &files.weights, opts)?;
         Ok(Self {
             cache: model.new_kv_cache(),
@@ -436,8 +284,8 @@ impl Generator {
     pub fn device(&self) -> &Device {
         self.model.device()
     }
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+    pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        self.tokenizer.inner()
     }
     pub fn shared_tokenizer(&self) -> Arc<Tokenizer> {
         self.tokenizer.clone()
@@ -470,15 +318,12 @@ impl Generator {
         if text.is_empty() {
             fail!(Input, "the prompt is empty")
         }
-        let enc = self
-            .tokenizer
-            .encode(text, add_special_tokens)
-            .map_err(|e| Error::input(format!("cannot tokenize the prompt: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        let ctx = self.model.max_position_embeddings();
+        self.tokenizer.encode(text, add_special_tokens, ctx)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        decode(&self.tokenizer, ids)
+        self.tokenizer.decode(ids)
     }
 
     /// The chat template applied to `messages`, ending with the assistant's turn, tokenized
@@ -603,7 +448,7 @@ impl Generator {
         }
         let ctx = self.model.max_position_embeddings();
         let (n, max) = (ids.len(), params.max_tokens);
-        if n.saturating_add(max) <= ctx {
+        if n.checked_add(max).is_some_and(|total| total <= ctx) {
             Ok(max)
         } else if params.truncate && n < ctx {
             Ok(ctx - n)

@@ -5,8 +5,9 @@
 //! `HF_HUB_OFFLINE=1` (as in Python's `huggingface_hub`) the network is never used. A file that
 //! is neither cached nor downloadable is one error line naming the repo, the file and `--model DIR`.
 
+use crate::error::{Error, ErrorKind, Result};
+use crate::fail;
 use crate::weights;
-use candle_core::{bail, Error, Result};
 use hf_hub::api::sync::{ApiBuilder, ApiRepo};
 use hf_hub::{Cache, CacheRepo, Repo, RepoType};
 use std::path::{Path, PathBuf};
@@ -68,7 +69,10 @@ impl ModelFiles {
             return Self::from_dir(path);
         }
         if !is_repo_id(model) {
-            bail!("--model {model}: no such directory, and not a hub id (expected org/name)")
+            fail!(
+                Input,
+                "--model {model}: no such directory, and not a hub id (expected org/name)"
+            )
         }
         Self::fetch_with(model, revision, &HubOptions::from_env())
     }
@@ -77,14 +81,18 @@ impl ModelFiles {
     /// optionally `tokenizer_config.json` and `generation_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            bail!("model directory {} does not exist", dir.display())
+            fail!(Input, "model directory {} does not exist", dir.display())
         }
         let required = |name: &str| {
             let p = dir.join(name);
             if p.is_file() {
                 Ok(p)
             } else {
-                bail!("model directory {} has no {name}", dir.display())
+                fail!(
+                    Model,
+                    "model directory {} has no {name} (or it is not a regular file)",
+                    dir.display()
+                )
             }
         };
         let optional = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
@@ -158,9 +166,9 @@ impl Hub {
             if let Some(endpoint) = &opts.endpoint {
                 builder = builder.with_endpoint(endpoint.clone());
             }
-            let api = builder
-                .build()
-                .map_err(|e| Error::Msg(format!("cannot set up the hub client: {e}")))?;
+            let api = builder.build().map_err(|e| {
+                Error::new(ErrorKind::Io, format!("cannot set up the hub client: {e}"))
+            })?;
             Some(api.repo(repo.clone()))
         };
         Ok(Self {
@@ -195,11 +203,12 @@ impl Hub {
         };
         let fix = "or pass --model DIR with a local directory holding config.json, tokenizer.json and the safetensors";
         match &self.api {
-            None => bail!(
+            None => fail!(
+                Io,
                 "{repo}{at}: {file} is not in the hf-hub cache {cache} and HF_HUB_OFFLINE is set; download it while online, {fix}"
             ),
             Some(api) => api.download(file).map_err(|e| {
-                Error::Msg(format!(
+                Error::new(ErrorKind::Io, format!(
                     "{repo}{at}: {file} is not in the hf-hub cache {cache} and downloading it failed ({e}); check the id and the network, {fix}"
                 ))
             }),

@@ -13,7 +13,12 @@
 //!   [`model`]: the causal LM ([`BitnetModel`]: shared weights; [`KvCache`]: one sequence's
 //!   state; [`BitnetForCausalLM`]: the candle-transformers-style wrapper).
 //! - [`engine`]: many sequences at once, continuous batching ([`Engine`]).
-//! - [`weights`]: memory-mapped, validating safetensors loading.
+//! - [`weights`]: memory-mapped, validating safetensors loading; [`json`]: the checkpoint's
+//!   small JSON files, read with a size limit; [`tokenizer`]: `tokenizer.json` loaded and run
+//!   with guards; [`template`]: chat templates rendered within limits;
+//!   [`generation_config`]: the model's sampling defaults.
+//! - [`output`]: writing files a caller names without replacing devices or links;
+//!   [`escape`]: strings from files made safe for one error line.
 //! - [`hub`]: model files from a directory or the Hugging Face hub cache; [`device`]: device
 //!   and compute dtype; [`generate`]: tokenizer, chat template, sampling, streaming ([`Generator`]).
 //! - With the `bench` feature (on by default through `cli`): `synthetic`, seeded random models
@@ -26,14 +31,20 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod escape;
 pub mod generate;
+pub mod generation_config;
 pub mod hub;
+pub mod json;
 pub mod model;
 pub mod norm;
 pub mod ops;
+pub mod output;
 pub mod quant;
 #[cfg(feature = "bench")]
 pub mod synthetic;
+pub mod template;
+pub mod tokenizer;
 pub mod weights;
 
 pub use bitlinear::BitLinear;

@@ -26,7 +26,7 @@ struct RotaryEmbedding {
 impl RotaryEmbedding {
     fn new(cfg: &Config, dtype: DType, dev: &Device) -> Result<Self> {
         let dim = cfg.head_dim();
-        let theta = cfg.rope_theta()? as f32;
+        let theta = cfg.rope_theta() as f32;
         let inv_freq: Vec<f32> = (0..dim)
             .step_by(2)
             .map(|i| 1.0 / theta.powf(i as f32 / dim as f32))
@@ -262,7 +262,7 @@ impl Mlp {
             up_proj: BitLinear::new(h, i, cfg, vb.pp("up_proj"))?,
             down_proj: BitLinear::new(i, h, cfg, vb.pp("down_proj"))?,
             ffn_sub_norm,
-            act: cfg.activation()?,
+            act: cfg.activation(),
         })
     }
 }

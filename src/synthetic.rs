@@ -13,7 +13,7 @@
 //! - `large`: `1bitLLM/bitnet_b1_58-large` (0.7B, llama arch, SiLU, tied head);
 //! - `8b`: `HF1BitLLM/Llama3-8B-1.58-100B-tokens` (Llama-3-8B shapes, untied `lm_head`).
 
-use crate::config::{Config, EosTokenId, QuantizationConfig};
+use crate::config::{Config, EosTokenId, HiddenAct, ModelType, QuantMethod, QuantizationConfig};
 use crate::model::BitnetModel;
 use crate::LoadOptions;
 use candle_core::{bail, DType, Device, Result, Tensor};
@@ -58,13 +58,7 @@ pub fn preset(name: &str) -> Result<Config> {
             bos: 128000,
             eos: 128009,
         }),
-        path if Path::new(path).is_file() => {
-            let json = std::fs::read_to_string(path)
-                .map_err(|e| candle_core::Error::Msg(format!("cannot read config {path}: {e}")))?;
-            let cfg: Config = serde_json::from_str(&json)
-                .map_err(|e| candle_core::Error::Msg(format!("invalid config.json {path}: {e}")))?;
-            packed_config(cfg)
-        }
+        path if Path::new(path).is_file() => packed_config(Config::from_file(Path::new(path))?),
         other => bail!(
             "unknown preset {other:?}: expected one of {} or a config.json path",
             PRESETS.join(", ")
@@ -81,7 +75,7 @@ pub fn packed_config(mut cfg: Config) -> Config {
     let q = cfg
         .quantization_config
         .get_or_insert_with(|| QuantizationConfig {
-            quant_method: "bitnet".into(),
+            quant_method: QuantMethod::Bitnet,
             ..Default::default()
         });
     q.quantization_mode = None;
@@ -105,7 +99,7 @@ struct LlamaShape {
 /// A llama-architecture BitNet config (SiLU MLP, no sub-norms).
 fn llama_bitnet(s: LlamaShape) -> Config {
     Config {
-        model_type: "llama".into(),
+        model_type: ModelType::Llama,
         hidden_size: s.hidden,
         intermediate_size: s.intermediate,
         num_hidden_layers: s.layers,
@@ -114,7 +108,7 @@ fn llama_bitnet(s: LlamaShape) -> Config {
         vocab_size: s.vocab,
         max_position_embeddings: s.max_positions,
         rope_theta: Some(s.rope_theta),
-        hidden_act: serde_json::Value::from("silu"),
+        hidden_act: HiddenAct::Silu,
         tie_word_embeddings: s.tied,
         bos_token_id: Some(s.bos),
         eos_token_id: Some(EosTokenId::Single(s.eos)),

@@ -5,10 +5,13 @@
 //! does not match the request (packed codes must be stored as U8, everything else as floats)
 //! or whose shape differs, before any data is converted.
 
+use crate::error::{Error, Result};
+use crate::escape::escape_controls;
+use crate::json;
 use crate::model::BitnetModel;
 use crate::LoadOptions;
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{bail, DType, Device, Result, Shape, Tensor};
+use candle_core::{bail, DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use safetensors::Dtype;
@@ -25,10 +28,10 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if index.is_file() {
         return shard_files(&index);
     }
-    bail!(
+    Err(Error::model(format!(
         "no weights in {}: expected model.safetensors or model.safetensors.index.json",
         dir.display()
-    )
+    )))
 }
 
 /// Shard paths named in a `model.safetensors.index.json` (its `weight_map` values), in order.
@@ -38,25 +41,31 @@ pub fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(names.into_iter().map(|n| dir.join(n)).collect())
 }
 
-/// Distinct file names of an index's `weight_map`, sorted.
+/// Distinct file names of an index's `weight_map`, sorted. Names must stay in the index's
+/// directory: plain file names, no separators, no `..`.
 pub fn shard_names(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index)
-        .map_err(|e| candle_core::Error::Msg(format!("cannot read {}: {e}", index.display())))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        candle_core::Error::Msg(format!("invalid JSON in {}: {e}", index.display()))
-    })?;
-    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
-        bail!("{}: no \"weight_map\" object", index.display())
-    };
-    let mut names: Vec<String> = map
-        .values()
-        .map(|v| match v.as_str() {
-            Some(s) if !s.contains("..") && !s.starts_with('/') => Ok(s.to_string()),
-            _ => bail!("{}: invalid shard name {v}", index.display()),
-        })
-        .collect::<Result<_>>()?;
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let index_name = index.display();
+    let parsed: Index = json::read(index, json::SMALL_FILE_LIMIT)?;
+    let mut names: Vec<String> = parsed.weight_map.into_values().collect();
     names.sort();
     names.dedup();
+    if let Some(bad) = names.iter().find(|n| {
+        n.is_empty() || n.contains(['/', '\\']) || *n == "." || *n == ".." || n.contains('\0')
+    }) {
+        return Err(Error::model(format!(
+            "{index_name}: invalid shard name {}",
+            escape_controls(&format!("{bad:?}"))
+        )));
+    }
+    if names.is_empty() {
+        return Err(Error::model(format!(
+            "{index_name}: the weight_map is empty"
+        )));
+    }
     Ok(names)
 }
 
@@ -70,28 +79,35 @@ impl CheckedSafetensors {
     /// error naming it.
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
         if paths.is_empty() {
-            bail!("no safetensors files given")
+            return Err(Error::model("no safetensors files given"));
         }
         for p in paths {
             if !p.is_file() {
-                bail!("weights file {} does not exist", p.display())
+                return Err(Error::model(format!(
+                    "weights file {} does not exist",
+                    p.display()
+                )));
             }
         }
         // SAFETY: the files are mapped read-only; like every mmap-based loader we rely on
         // nobody truncating them while the model is loading.
         let inner = unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| {
-            candle_core::Error::Msg(format!("cannot read safetensors weights: {e}"))
+            // The safetensors crate quotes tensor names from the header as they are.
+            Error::model(escape_controls(&format!(
+                "cannot read safetensors weights: {}",
+                crate::error::candle_message(&e)
+            )))
         })?;
         Ok(Self { inner })
     }
 
-    fn view(&self, name: &str) -> Result<safetensors::tensor::TensorView<'_>> {
+    fn view(&self, name: &str) -> candle_core::Result<safetensors::tensor::TensorView<'_>> {
         self.inner.get(name).map_err(|_| {
             candle_core::Error::Msg(format!("tensor {name} is missing from the checkpoint"))
         })
     }
 
-    fn check_dtype(name: &str, stored: Dtype, requested: DType) -> Result<()> {
+    fn check_dtype(name: &str, stored: Dtype, requested: DType) -> candle_core::Result<()> {
         let stored_is_float = matches!(stored, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64);
         match (requested, stored) {
             (DType::U8, Dtype::U8) => Ok(()),
@@ -124,7 +140,14 @@ impl CheckedSafetensors {
 }
 
 impl SimpleBackend for CheckedSafetensors {
-    fn get(&self, shape: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let view = self.view(name)?;
         Self::check_dtype(name, view.dtype(), dtype)?;
         if view.shape() != shape.dims() {
@@ -137,7 +160,7 @@ impl SimpleBackend for CheckedSafetensors {
         self.inner.load(name, dev)?.to_dtype(dtype)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let view = self.view(name)?;
         Self::check_dtype(name, view.dtype(), dtype)?;
         self.inner.load(name, dev)?.to_dtype(dtype)
@@ -176,6 +199,7 @@ pub fn load_model(
     let stored = if all_bf16 { DType::BF16 } else { dtype };
     let vb = weights.into_var_builder(dtype, &opts.device);
     BitnetModel::new_with_head_dtype(cfg, vb, opts.head_dtype(stored))
+        .map_err(|e| Error::model(crate::error::candle_message(&e)))
 }
 
 /// Loads `config.json` and the weights of a checkpoint directory in the hub layout as a
@@ -186,7 +210,10 @@ pub fn load_model_dir(
     device: &Device,
 ) -> Result<(crate::Config, crate::BitnetForCausalLM)> {
     if !dir.is_dir() {
-        bail!("model directory {} does not exist", dir.display())
+        return Err(Error::model(format!(
+            "model directory {} does not exist",
+            dir.display()
+        )));
     }
     let cfg = crate::Config::from_file(&dir.join("config.json"))?;
     let opts = LoadOptions {

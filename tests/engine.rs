@@ -574,7 +574,8 @@ fn errors_say_whose_fault_they_are() -> Result<()> {
     let missing = Generator::from_pretrained("/no/such/model/dir", "main", &Device::Cpu)
         .err()
         .expect("no such model");
-    assert_eq!(missing.kind(), ErrorKind::Model, "{missing}");
+    // Naming a model that is neither a directory nor a hub id is the caller's mistake.
+    assert_eq!(missing.kind(), ErrorKind::Input, "{missing}");
     let dir = tempfile::tempdir()?;
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(fixture_dir().join(f), dir.path().join(f))?;

@@ -2,8 +2,9 @@
 //! deterministic per seed, and held at ~2 bits per ternary weight. Not timed.
 
 use candle_bitnet::bench::{self, BenchOptions};
+use candle_bitnet::config::{Config, ModelType};
 use candle_bitnet::synthetic;
-use candle_bitnet::{Config, Logits};
+use candle_bitnet::Logits;
 use candle_core::{DType, Device, Result, Tensor};
 
 /// The `2b-4t` preset at toy sizes: same architecture, same code paths.
@@ -41,7 +42,7 @@ fn logits(cfg: &Config, seed: u64) -> Result<Tensor> {
 #[test]
 fn preset_2b_4t_has_the_documented_shapes() -> Result<()> {
     let cfg = synthetic::preset("2b-4t")?;
-    assert_eq!(cfg.model_type, "bitnet");
+    assert_eq!(cfg.model_type, ModelType::Bitnet);
     assert_eq!(
         (
             cfg.hidden_size,

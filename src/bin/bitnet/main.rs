@@ -3,11 +3,13 @@
 //! Errors are one line on stderr (`error: …`) and a non-zero exit status.
 
 use anyhow::{bail, Context, Result};
+use candle_bitnet::escape::escape_controls;
 use candle_bitnet::generate::Generation;
 use candle_bitnet::hub::DEFAULT_MODEL;
+use candle_bitnet::output::write_output;
 use candle_bitnet::{device, GenerationParams, Generator, Message};
 use clap::{Args, Parser, Subcommand};
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -187,8 +189,43 @@ struct ChatArgs {
     system: Option<String>,
 }
 
+/// Threads candle's CPU work may use (`RAYON_NUM_THREADS`); far above any machine's cores.
+const MAX_THREADS: usize = 1024;
+/// Tokens of a benchmark's prompts and decode: more than any model's context.
+const MAX_BENCH_TOKENS: usize = 1 << 20;
+/// A chat line longer than this is refused unread (the context bounds prompts far below it).
+const MAX_CHAT_LINE: u64 = 64 << 20;
+
+/// Starts rayon's global pool (candle's CPU threads) now, so that a bad `RAYON_NUM_THREADS` or
+/// a system that cannot spawn threads is one error line instead of a panic inside candle.
+fn start_thread_pool() -> Result<()> {
+    let threads = match std::env::var("RAYON_NUM_THREADS") {
+        Ok(v) => {
+            let n = v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=MAX_THREADS).contains(n));
+            n.with_context(|| {
+                format!(
+                    "RAYON_NUM_THREADS={v:?}: expected a number of threads from 1 to {MAX_THREADS}"
+                )
+            })?
+        }
+        Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS)),
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .with_context(|| format!("cannot start {threads} worker threads"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = start_thread_pool() {
+        eprintln!("error: {}", one_line(&e));
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Chat(args) => chat(args),
@@ -205,7 +242,14 @@ fn main() -> ExitCode {
             batch,
             batch_steps,
             json,
-        } => {
+        } => (|| {
+            if let Some(n) = prompt_lens
+                .iter()
+                .chain([&decode_tokens])
+                .find(|n| **n > MAX_BENCH_TOKENS)
+            {
+                bail!("{n} tokens is more than any model's context (at most {MAX_BENCH_TOKENS} per prompt and for --decode-tokens)")
+            }
             let opts = candle_bitnet::bench::BenchOptions {
                 preset,
                 prompt_lens,
@@ -219,7 +263,7 @@ fn main() -> ExitCode {
             device::device(cpu, gpu)
                 .and_then(|dev| candle_bitnet::bench::run_and_print(&opts, &dev, json.as_deref()))
                 .map_err(Into::into)
-        }
+        })(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -246,7 +290,8 @@ fn one_line(e: &anyhow::Error) -> String {
             line.push_str(&msg);
         }
     }
-    line.replace('\n', " ")
+    // Messages quote names and values from model files: escape what could rewrite the line.
+    escape_controls(&line.replace('\n', " ")).into_owned()
 }
 
 fn candle_message(e: &candle_core::Error) -> String {
@@ -257,6 +302,26 @@ fn candle_message(e: &candle_core::Error) -> String {
         E::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
         e => e.to_string(),
     }
+}
+
+/// The next line of `input` without its newline, `None` at the end; `Some(Err(why))` for a
+/// line that is skipped: longer than [`MAX_CHAT_LINE`] (not kept in memory), or not UTF-8.
+fn read_line(input: &mut impl BufRead) -> Result<Option<Result<String, String>>> {
+    let mut bytes = Vec::new();
+    let n = (&mut *input)
+        .take(MAX_CHAT_LINE)
+        .read_until(b'\n', &mut bytes)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if bytes.last() != Some(&b'\n') && n as u64 == MAX_CHAT_LINE {
+        input.skip_until(b'\n')?;
+        return Ok(Some(Err(format!("longer than {MAX_CHAT_LINE} bytes"))));
+    }
+    Ok(Some(match String::from_utf8(bytes) {
+        Ok(text) => Ok(text.trim_end_matches(['\n', '\r']).to_string()),
+        Err(_) => Err("not UTF-8 text".into()),
+    }))
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
@@ -312,8 +377,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let device = device::describe(gen.device());
     if let (Some(path), Some(logits)) = (&args.dump_logits, &g.prompt_logits) {
         let logits = logits.to_device(&candle_core::Device::Cpu)?;
-        candle_core::safetensors::save(&[("logits", logits)].into_iter().collect(), path)
+        let bytes = safetensors::serialize([("logits", logits)], None)
             .with_context(|| format!("cannot write {}", path.display()))?;
+        write_output(path, &bytes)?;
     }
     if let Some(path) = &args.output_json {
         let json = serde_json::json!({
@@ -327,8 +393,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
             "decode_tokens_per_s": g.decode_tokens_per_s(),
             "device": device,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_output(
+            path,
+            (serde_json::to_string_pretty(&json)? + "\n").as_bytes(),
+        )?;
     }
     report(&g, &device);
     Ok(())
@@ -345,8 +413,18 @@ fn chat(args: ChatArgs) -> Result<()> {
         "chatting with {} on {device}; /reset starts over, /exit quits",
         gen.name()
     );
-    for (turn, line) in std::io::stdin().lock().lines().enumerate() {
-        let line = line?;
+    let mut stdin = std::io::stdin().lock();
+    for turn in 0u64.. {
+        let Some(line) = read_line(&mut stdin)? else {
+            break;
+        };
+        let line = match line {
+            Ok(line) => line,
+            Err(why) => {
+                eprintln!("error: the line is {why}; it was skipped");
+                continue;
+            }
+        };
         match line.trim() {
             "" => continue,
             "/exit" | "/quit" => break,
@@ -360,7 +438,7 @@ fn chat(args: ChatArgs) -> Result<()> {
         }
         // Each turn samples with its own stream of the seed.
         let params = GenerationParams {
-            seed: params.seed.map(|s| s.wrapping_add(turn as u64)),
+            seed: params.seed.map(|s| s.wrapping_add(turn)),
             ..params.clone()
         };
         match gen.chat(&messages, &params, |piece| print_piece(&mut out, piece)) {
