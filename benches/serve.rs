@@ -3,12 +3,12 @@
 //! download).
 //!
 //! The synthetic checkpoint (seeded random weights at the preset's real shapes, a word-level
-//! tokenizer with one word per id so every token has text) is written once under
-//! `$CARGO_TARGET_TMPDIR/serve-bench/`; prompts are seeded random token ids.
+//! tokenizer with one word per id so every token has text) lives under
+//! `$CARGO_TARGET_TMPDIR/serve-bench/`, its weights written once; prompts are seeded random ids.
 //!
 //! ```text
 //! cargo bench --bench serve -- [--preset 2b-4t] [--clients 1,4,16,64] [--prompt-len 16]
-//!     [--max-tokens 32] [--rounds 2] [--cpu | --device N] [--json FILE]
+//!     [--max-tokens 32] [--rounds 1] [--cpu | --device N] [--json FILE]
 //! ```
 
 use anyhow::{bail, Context, Result};
@@ -76,7 +76,7 @@ fn options() -> Result<Options> {
 fn config_json(cfg: &Config) -> Value {
     let q = cfg.quantization_config.as_ref();
     json!({
-        "model_type": cfg.model_type,
+        "model_type": cfg.model_type.to_string(),
         "architectures": cfg.architectures,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -89,15 +89,15 @@ fn config_json(cfg: &Config) -> Value {
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
         "rope_scaling": cfg.rope_scaling,
-        "hidden_act": cfg.hidden_act,
+        "hidden_act": serde_name(cfg.hidden_act),
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_bias": cfg.attention_bias,
         "mlp_bias": cfg.mlp_bias,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": eos_ids(cfg),
         "quantization_config": q.map(|q| json!({
-            "quant_method": q.quant_method,
-            "linear_class": q.linear_class,
+            "quant_method": serde_name(q.quant_method),
+            "linear_class": q.linear_class.map(serde_name),
             "use_rms_norm": q.use_rms_norm,
             "rms_norm_eps": q.rms_norm_eps,
             "modules_to_not_convert": q.modules_to_not_convert,
@@ -105,12 +105,16 @@ fn config_json(cfg: &Config) -> Value {
     })
 }
 
+/// The config.json spelling of a config enum: its variant name in lowercase, as its
+/// `#[serde(rename_all = "lowercase")]` reads it.
+fn serde_name(v: impl std::fmt::Debug) -> String {
+    format!("{v:?}").to_lowercase()
+}
+
 fn eos_ids(cfg: &Config) -> Vec<u32> {
-    match &cfg.eos_token_id {
-        Some(EosTokenId::Single(id)) => vec![*id],
-        Some(EosTokenId::Multiple(ids)) => ids.clone(),
-        None => vec![],
-    }
+    cfg.eos_token_id
+        .as_ref()
+        .map_or_else(Vec::new, EosTokenId::ids)
 }
 
 /// A word-level tokenizer with the word `t<id>` for every id: each token decodes to text.
@@ -136,15 +140,8 @@ fn checkpoint(preset: &str) -> Result<(PathBuf, Config)> {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("serve-bench")
         .join(format!("{preset}-{:x}", synthetic::DEFAULT_SEED));
-    let weights = dir.join("model.safetensors");
-    if weights.is_file() {
-        return Ok((dir, cfg));
-    }
-    eprintln!(
-        "writing the synthetic {preset} checkpoint to {}",
-        dir.display()
-    );
     std::fs::create_dir_all(&dir)?;
+    // The small files are rewritten every run, so they follow this code.
     let write_json = |name: &str, v: &Value| {
         std::fs::write(dir.join(name), serde_json::to_string(v)?)
             .with_context(|| format!("cannot write {name}"))
@@ -155,6 +152,14 @@ fn checkpoint(preset: &str) -> Result<(PathBuf, Config)> {
         "generation_config.json",
         &json!({"eos_token_id": eos_ids(&cfg), "do_sample": false}),
     )?;
+    let weights = dir.join("model.safetensors");
+    if weights.is_file() {
+        return Ok((dir, cfg));
+    }
+    eprintln!(
+        "writing the synthetic {preset} weights to {}",
+        dir.display()
+    );
     let tensors = synthetic::tensors(&cfg, synthetic::DEFAULT_SEED, DType::BF16, &Device::Cpu)?;
     // Written last, under a temporary name: its presence marks a complete checkpoint.
     let partial = dir.join("model.safetensors.partial");
