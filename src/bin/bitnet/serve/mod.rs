@@ -275,15 +275,16 @@ async fn log_request(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let response = next.run(req).await;
     let status = response.status();
-    ::metrics::counter!(metrics::HTTP_REQUESTS, "route" => route, "status" => status.as_str().to_string())
+    ::metrics::counter!(metrics::HTTP_REQUESTS, "route" => route.clone(), "status" => status.as_str().to_string())
         .increment(1);
-    tracing::info!(
-        %method,
-        path,
-        status = status.as_u16(),
-        ms = started.elapsed().as_millis() as u64,
-        "request"
-    );
+    let ms = started.elapsed().as_millis() as u64;
+    let status = status.as_u16();
+    // Probes and scrapes come every few seconds: below the default level.
+    if route == "/health" || route == "/metrics" {
+        tracing::debug!(%method, path, status, ms, "request");
+    } else {
+        tracing::info!(%method, path, status, ms, "request");
+    }
     response
 }
 
