@@ -2,14 +2,22 @@
 //! candle's dense f32 matmul on the same shapes, and the bf16 LM head beside candle's f32 matmul.
 //!
 //! Weights rotate through copies larger than the last-level cache, so decode (1 row) reads DRAM
-//! as it does in a model. GB/s counts weight bytes only: packed (1/4 byte per weight) for
-//! ternary, 4 bytes per weight for dense f32, 2 for bf16. Threads: rayon's default (all cores)
-//! unless RAYON_NUM_THREADS says otherwise. Arguments narrow the run: row counts (`-- 1 8`) and/or
-//! `head`.
+//! as it does in a model; each shape starts with a STREAM-like parallel read of a buffer as
+//! large, and each kernel line prints its GB/s as a share of it (`% read`) and, under `hot`, the
+//! GB/s with one copy of the weights left in cache (what the kernel computes at, memory aside).
+//! GB/s counts weight bytes only: packed (1/4 byte per weight) for ternary, 4 bytes per weight
+//! for dense f32, 2 for bf16. `ctx/call` counts the voluntary context switches (sleeps and
+//! wake-ups, not preemption) of all threads per call of the op. Threads: rayon's default (all
+//! cores) unless RAYON_NUM_THREADS says otherwise.
+//! Arguments narrow the run: row counts (`-- 1 8`) and/or `head`.
 
-use candle_bitnet::ops::cpu::{bitlinear_with, matmul_bf16, Kernel, QuantizedRows};
-use candle_bitnet::ops::{bitlinear, matmul_bf16_weight};
+use candle_bitnet::ops::cpu::{
+    bitlinear_with, matmul_bf16, matmul_int8, Int8Head, Kernel, QuantizedRows, TernaryTiles,
+};
+use candle_bitnet::ops::{bitlinear_tiles, matmul_bf16_weight, matmul_int8_head};
 use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// (in, out, what): the 2B-4T projections.
@@ -23,8 +31,9 @@ const SHAPES: [(usize, usize, &str); 5] = [
 const ROWS: [usize; 4] = [1, 8, 128, 512];
 const VOCAB: usize = 128256;
 const HIDDEN: usize = 2560;
-/// Rotating weight copies add up to at least this (more than any current L3 slice).
-const COLD_BYTES: usize = 256 << 20;
+/// Rotating weight copies add up to at least this (more than the L3 of a guest), and the
+/// STREAM-like read reads this much.
+const COLD_BYTES: usize = 1 << 30;
 /// Each measurement runs at least this long (and at least `MIN_RUNS` times) after a warm-up.
 const MIN_SECONDS: f64 = 0.3;
 const MIN_RUNS: usize = 3;
@@ -89,12 +98,83 @@ fn line(what: &str, secs: f64, weight_bytes: usize, ops: f64, dense_secs: Option
     );
 }
 
-fn bench_bitlinear(dev: &Device, rows: &[usize]) -> Result<()> {
+/// A kernel line: cold GB/s, its share of a STREAM-like read measured right after it, and
+/// GB/s with the weights in cache.
+fn kernel_line(what: &str, cold: f64, hot: Option<f64>, bytes: usize, stream: &StreamRead) {
+    let read = stream.gbs();
+    let gbs = |secs: f64| bytes as f64 / secs / 1e9;
+    let hot = hot.map_or(String::new(), |h| format!("{:>9.3} GB/s hot", gbs(h)));
+    println!(
+        "  {what:<22} {:>10.3} ms {:>9.3} GB/s {:>5.0}% of {read:>5.2} read {hot}",
+        cold * 1e3,
+        gbs(cold),
+        100.0 * gbs(cold) / read,
+    );
+}
+
+/// STREAM's "read" kernel (one sequential stream per thread) over `COLD_BYTES`.
+struct StreamRead(Vec<u64>);
+
+impl StreamRead {
+    fn new() -> Self {
+        Self(
+            (0..COLD_BYTES / 8)
+                .into_par_iter()
+                .map(|i| i as u64)
+                .collect(),
+        )
+    }
+
+    /// A parallel sum over the buffer, best of a few passes, in GB/s.
+    fn gbs(&self) -> f64 {
+        let chunk = self.0.len().div_ceil(4 * rayon::current_num_threads());
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let sum: u64 = self
+                .0
+                .par_chunks(chunk)
+                .map(|c| {
+                    // Eight independent sums, so the adds vectorize and never wait on each other.
+                    let mut acc = [0u64; 8];
+                    for c in c.chunks_exact(8) {
+                        for (a, &v) in acc.iter_mut().zip(c) {
+                            *a = a.wrapping_add(v);
+                        }
+                    }
+                    acc.iter().fold(0u64, |s, &a| s.wrapping_add(a))
+                })
+                .reduce(|| 0, u64::wrapping_add);
+            best = best.min(t.elapsed().as_secs_f64());
+            std::hint::black_box(sum);
+        }
+        COLD_BYTES as f64 / best / 1e9
+    }
+}
+
+/// Voluntary context switches so far, summed over the threads of this process.
+fn context_switches() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("voluntary_ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+fn bench_bitlinear(dev: &Device, rows: &[usize], stream: &StreamRead) -> Result<()> {
     for &(k, out, what) in &SHAPES {
         let packed = packed_codes(out / 4 * k, out as u64 + k as u64);
-        let packed_bytes = packed.len();
-        let w_packed: Vec<Tensor> = (0..copies(packed_bytes))
-            .map(|_| Tensor::from_vec(packed.clone(), (out / 4, k), dev))
+        let tiles0 = TernaryTiles::from_packed(&packed, k, out)?;
+        let bytes = tiles0.bytes();
+        let tiles: Vec<Arc<TernaryTiles>> = (0..copies(bytes))
+            .map(|_| TernaryTiles::from_packed(&packed, k, out).map(Arc::new))
             .collect::<Result<_>>()?;
         let w_dense0 = Tensor::from_vec(floats(out * k, 5, 0.05), (out, k), dev)?;
         let w_dense: Vec<Tensor> = (0..copies(out * k * 4))
@@ -110,39 +190,40 @@ fn bench_bitlinear(dev: &Device, rows: &[usize]) -> Result<()> {
                 Ok(())
             })?;
             line("dense f32 (candle)", dense, out * k * 4, ops, None);
+            let (mut calls, switches) = (0, context_switches());
             let op = median_secs(|i| {
-                bitlinear(&x, &w_packed[i % w_packed.len()], 1.0)?;
+                calls += 1;
+                bitlinear_tiles(&x, &tiles[i % tiles.len()], 1.0)?;
                 Ok(())
             })?;
+            let per_call = (context_switches() - switches) as f64 / calls as f64;
             line(
                 &format!("op ({:?})", Kernel::best()),
                 op,
-                packed_bytes,
+                bytes,
                 ops,
                 Some(dense),
             );
+            println!("  {:<22} {per_call:>10.2} ctx/call", "");
             let mut y = vec![0f32; n * out];
-            let packed: Vec<Vec<u8>> = w_packed
-                .iter()
-                .map(|w| w.flatten_all()?.to_vec1::<u8>())
-                .collect::<Result<_>>()?;
             for &kernel in Kernel::available() {
                 if kernel == Kernel::Portable && n > PORTABLE_MAX_ROWS {
                     continue;
                 }
-                let secs = median_secs(|i| {
+                let mut run = |w: &TernaryTiles| {
                     let acts = QuantizedRows::new(&x_vec, n, k);
-                    let w = &packed[i % packed.len()];
-                    bitlinear_with(kernel, &acts, w, k, out, 1.0, &mut y)
-                })?;
-                line(&format!("{kernel:?}"), secs, packed_bytes, ops, Some(dense));
+                    bitlinear_with(kernel, &acts, w, 1.0, &mut y)
+                };
+                let cold = median_secs(|i| run(&tiles[i % tiles.len()]))?;
+                let hot = median_secs(|_| run(&tiles0))?;
+                kernel_line(&format!("{kernel:?}"), cold, Some(hot), bytes, stream);
             }
         }
     }
     Ok(())
 }
 
-fn bench_head(dev: &Device) -> Result<()> {
+fn bench_head(dev: &Device, stream: &StreamRead) -> Result<()> {
     println!("LM head {HIDDEN} → {VOCAB}, 1 row");
     let x_vec = floats(HIDDEN, 9, 2.0);
     let x = Tensor::from_vec(x_vec.clone(), (1, HIDDEN), dev)?;
@@ -179,10 +260,28 @@ fn bench_head(dev: &Device) -> Result<()> {
         Some(dense),
     );
     let w_raw = w_bf16.flatten_all()?.to_vec1::<half::bf16>()?;
+    let int8: Vec<Arc<Int8Head>> = (0..copies(VOCAB * HIDDEN))
+        .map(|_| Int8Head::from_bf16(&w_raw, HIDDEN).map(Arc::new))
+        .collect::<Result<_>>()?;
+    let w_raw: Vec<Vec<half::bf16>> = (0..copies(bf16_bytes)).map(|_| w_raw.clone()).collect();
     let mut y = vec![0f32; VOCAB];
     for &kernel in Kernel::available() {
-        let secs = median_secs(|_| matmul_bf16(kernel, &x_vec, &w_raw, HIDDEN, &mut y))?;
-        line(&format!("{kernel:?}"), secs, bf16_bytes, ops, Some(dense));
+        let secs = median_secs(|i| {
+            let w = &w_raw[i % w_raw.len()];
+            matmul_bf16(kernel, &x_vec, w, HIDDEN, &mut y)
+        })?;
+        kernel_line(&format!("{kernel:?}"), secs, None, bf16_bytes, stream);
+    }
+    drop(w_raw);
+    let int8_bytes = int8[0].bytes();
+    let op = median_secs(|i| {
+        matmul_int8_head(&x, &int8[i % int8.len()])?;
+        Ok(())
+    })?;
+    line("int8 op (opt-in)", op, int8_bytes, ops, Some(dense));
+    for &kernel in Kernel::available() {
+        let secs = median_secs(|i| matmul_int8(kernel, &x_vec, &int8[i % int8.len()], &mut y))?;
+        kernel_line(&format!("int8 {kernel:?}"), secs, None, int8_bytes, stream);
     }
     Ok(())
 }
@@ -195,15 +294,21 @@ fn main() -> Result<()> {
         rayon::current_num_threads(),
         Kernel::available()
     );
+    let stream = StreamRead::new();
+    println!(
+        "STREAM-like read, {} MiB: {:.2} GB/s (again after each kernel line)",
+        COLD_BYTES >> 20,
+        stream.gbs()
+    );
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut rows: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let head = args.iter().any(|a| a == "head");
     if rows.is_empty() && !head {
         rows = ROWS.to_vec();
     }
-    bench_bitlinear(&dev, &rows)?;
+    bench_bitlinear(&dev, &rows, &stream)?;
     if head || args.iter().all(|a| a.starts_with('-')) {
-        bench_head(&dev)?;
+        bench_head(&dev, &stream)?;
     }
     Ok(())
 }

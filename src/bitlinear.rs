@@ -2,18 +2,24 @@
 //!
 //! Whatever the checkpoint stores — packed U8 codes with `weight_scale` (offline) or latent
 //! float weights (online, ternarized here once with per-tensor absmean) — the layer ends up in
-//! the one layout documented in [`crate::quant`]: `[out/4, in]` U8 on the model's device.
+//! the one layout documented in [`crate::quant`]: `[out/4, in]` U8 on the model's device. On
+//! the CPU the layer also converts them once to the tiles its kernels read
+//! ([`crate::ops::cpu::TernaryTiles`]).
 
 use crate::config::{Config, LinearClass, QuantizationMode};
 use crate::norm::RmsNorm;
+use crate::ops::cpu::TernaryTiles;
 use crate::quant::{check_packable, pack_ternary, ternarize_absmean};
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct BitLinear {
     /// `[out/4, in]` U8 packed codes.
     weight: Tensor,
+    /// On the CPU, the same codes in the layout its kernels read (converted once, at load).
+    tiles: Option<Arc<TernaryTiles>>,
     /// The dense baseline only ([`Self::to_dense`]): `[out, in]` effective weights.
     dense: Option<Tensor>,
     /// Divisor of the i32 accumulator besides the activation scale.
@@ -72,6 +78,7 @@ impl BitLinear {
             }
         };
         let weight = packed.to_device(vb.device())?;
+        let tiles = cpu_tiles(&weight)?;
         let input_norm = match cfg.bitlinear_input_norm_eps() {
             Some(eps) => Some(RmsNorm::new(in_features, eps, vb.pp("rms_norm"))?),
             None => None,
@@ -79,6 +86,7 @@ impl BitLinear {
         let span = tracing::span!(tracing::Level::TRACE, "bitlinear");
         Ok(Self {
             weight,
+            tiles,
             dense: None,
             w_div,
             in_features,
@@ -102,6 +110,7 @@ impl BitLinear {
         }
         let span = tracing::span!(tracing::Level::TRACE, "bitlinear");
         Ok(Self {
+            tiles: cpu_tiles(&weight)?,
             weight,
             dense: None,
             w_div,
@@ -179,9 +188,23 @@ impl Module for BitLinear {
         };
         match &self.dense {
             Some(w) => fake_quantize(x)?.broadcast_matmul(&w.t()?),
-            None => crate::ops::bitlinear(x, &self.weight, self.w_div),
+            None => match &self.tiles {
+                Some(tiles) => crate::ops::bitlinear_tiles(x, tiles, self.w_div),
+                None => crate::ops::bitlinear(x, &self.weight, self.w_div),
+            },
         }
     }
+}
+
+/// The CPU kernels' copy of CPU-resident codes `[out/4, in]`; other devices read them as they are.
+fn cpu_tiles(weight: &Tensor) -> Result<Option<Arc<TernaryTiles>>> {
+    if !weight.device().is_cpu() {
+        return Ok(None);
+    }
+    let (r, in_features) = weight.dims2()?;
+    let bytes = weight.flatten_all()?.to_vec1::<u8>()?;
+    let tiles = TernaryTiles::from_packed(&bytes, in_features, 4 * r)?;
+    Ok(Some(Arc::new(tiles)))
 }
 
 /// Refuses packed bytes holding the code 3, which no packer writes: a corrupt file.

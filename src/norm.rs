@@ -96,13 +96,18 @@ impl CustomOp2 for FusedRmsNorm {
         y.par_chunks_mut(n)
             .zip(x.par_chunks(n))
             .with_min_len(16)
-            .for_each(|(y, x)| {
-                let inv_rms = 1.0 / (sum_of_squares(x) / n as f32 + eps).sqrt();
-                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                    *y = w * (x * inv_rms);
-                }
-            });
+            .for_each(|(y, x)| rms_norm_row(x, w, eps, y));
         Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+}
+
+/// One row of the f32 RMSNorm: `y = w · (x · (1 / sqrt(mean(x²) + eps)))`. Shared with the
+/// fused RMSNorm → int8 quantization ([`crate::ops::cpu::QuantizedRows::from_rms_norm`]), so
+/// that both round alike.
+pub(crate) fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let inv_rms = 1.0 / (sum_of_squares(x) / x.len() as f32 + eps).sqrt();
+    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+        *y = w * (x * inv_rms);
     }
 }
 

@@ -38,35 +38,38 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Reads (at most [`json::TOKENIZER_LIMIT`] bytes), checks and loads `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let origin = format!("tokenizer {}", path.display());
         let bytes = json::read_limited(path, json::TOKENIZER_LIMIT)?;
-        let mut value: Value = json::parse("JSON", &bytes)
-            .map_err(|e| Error::model(format!("cannot load {origin}: {e}")))?;
-        drop(bytes);
-        Self::from_value(&mut value, origin)
+        Self::from_bytes(&bytes, format!("tokenizer {}", path.display()))
     }
 
-    /// Checks and loads a parsed `tokenizer.json`; `origin` names it in errors.
-    pub fn from_value(value: &mut Value, origin: String) -> Result<Self> {
-        if let Some(obj) = value.as_object_mut() {
-            for option in ["truncation", "padding"] {
-                if let Some(v) = obj.get_mut(option) {
-                    *v = Value::Null;
-                }
-            }
+    /// Checks and loads the text of a `tokenizer.json`; `origin` names it in errors.
+    pub fn from_bytes(bytes: &[u8], origin: String) -> Result<Self> {
+        // Only the small parts that transform text are parsed as JSON values: the vocabulary
+        // and merges would take ten times the file's size that way.
+        let pipeline: Pipeline = json::parse("JSON", bytes)
+            .map_err(|e| Error::model(format!("cannot load {origin}: {e}")))?;
+        for part in [
+            &pipeline.normalizer,
+            &pipeline.pre_tokenizer,
+            &pipeline.post_processor,
+            &pipeline.decoder,
+        ] {
+            refuse_empty_replace_patterns(part, &origin)?;
         }
-        refuse_empty_replace_patterns(value, &origin)?;
-        let growth = growth(&value["normalizer"]);
+        let growth = growth(&pipeline.normalizer);
         if growth > MAX_NORMALIZER_GROWTH {
             return Err(Error::model(format!(
                 "{origin}: the normalizer can make a text {growth} times longer (at most {MAX_NORMALIZER_GROWTH} is allowed)"
             )));
         }
-        let value = std::mem::take(value);
-        let inner = guarded(&origin, "loading", || {
-            serde_json::from_value::<tokenizers::Tokenizer>(value)
+        let mut inner = guarded(&origin, "loading", || {
+            serde_json::from_slice::<tokenizers::Tokenizer>(bytes)
         })?
         .map_err(|e| Error::model(escape_controls(&format!("cannot load {origin}: {e}"))))?;
+        inner
+            .with_padding(None)
+            .with_truncation(None)
+            .map_err(|e| Error::model(format!("cannot load {origin}: {e}")))?;
         let longest_token = guarded(&origin, "loading", || {
             inner.get_vocab(true).keys().map(String::len).max()
         })?
@@ -117,6 +120,19 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         decode(&self.inner, ids)
     }
+}
+
+/// The parts of `tokenizer.json` that transform text; the rest is skipped unparsed.
+#[derive(serde::Deserialize)]
+struct Pipeline {
+    #[serde(default)]
+    normalizer: Value,
+    #[serde(default)]
+    pre_tokenizer: Value,
+    #[serde(default)]
+    post_processor: Value,
+    #[serde(default)]
+    decoder: Value,
 }
 
 /// `tokenizer.decode(ids, true)` with a panic inside the crate turned into an error.

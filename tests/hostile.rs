@@ -168,6 +168,19 @@ fn huge_json_files_are_refused_unread() -> Result<()> {
         let out = generate(dir.path(), &[]).output()?;
         assert_one_line_error(&out, &[file, "5368709120 bytes", "MiB"]);
     }
+    // 100 MB within tokenizer.json's limit, in a key the tokenizers crate refuses: parsed
+    // without building a JSON value of ten times its size (the 1 GiB limit would abort that).
+    let dir = fixture_copy()?;
+    let path = dir.path().join("tokenizer.json");
+    let text = std::fs::read_to_string(&path)?;
+    let mut padded = String::with_capacity(text.len() + 100_000_000);
+    padded.push_str("{\"x\": [");
+    padded.push_str(&"0,".repeat(50_000_000));
+    padded.push_str("0],");
+    padded.push_str(&text[1..]);
+    std::fs::write(&path, padded)?;
+    let out = generate(dir.path(), &[]).output()?;
+    assert_one_line_error(&out, &["cannot load tokenizer", "tokenizer.json"]);
     Ok(())
 }
 
@@ -425,6 +438,11 @@ fn thread_pool_start_up_is_checked() -> Result<()> {
             .output()?;
         assert_one_line_error(&out, &["RAYON_NUM_THREADS", value, "1 to 1024"]);
     }
+    // 1000 threads of 2 MiB stacks do not fit in the 1 GiB address space of the run.
+    let out = Run::new(&["generate", "--model", &model, "--prompt", "Hi"])
+        .env("RAYON_NUM_THREADS", "1000")
+        .output()?;
+    assert_one_line_error(&out, &["cannot start 1000 worker threads"]);
     Ok(())
 }
 

@@ -4,15 +4,21 @@
 
 mod common;
 
-use candle_bitnet::ops::cpu::{bitlinear_with, matmul_bf16, Kernel, QuantizedRows};
-use candle_bitnet::ops::{bitlinear, matmul_bf16_weight};
+use candle_bitnet::ops::cpu::{
+    bitlinear_segments_with, bitlinear_with, matmul_bf16, matmul_int8, Int8Head, Kernel,
+    QuantizedRows, TernaryTiles,
+};
+use candle_bitnet::ops::{
+    bitlinear, bitlinear_segments, matmul_bf16_weight, matmul_int8_head, rms_norm_bitlinear,
+};
 use candle_bitnet::quant::{bitlinear_reference, pack_ternary};
 use candle_core::{DType, Device, Result, Tensor};
 use common::{random_activations, random_packed};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const IN: [usize; 8] = [1, 3, 63, 64, 65, 127, 130, 2568];
-const OUT: [usize; 5] = [4, 8, 12, 44, 132];
+// Up to five 64-row tiles, so that decode walks 4 tiles at once and then a remainder.
+const OUT: [usize; 7] = [4, 8, 12, 44, 132, 256, 324];
 const ROWS: [usize; 10] = [1, 2, 3, 4, 5, 7, 8, 9, 33, 128];
 
 struct Case {
@@ -53,9 +59,10 @@ fn every_kernel_matches_the_reference_bit_for_bit() -> Result<()> {
                 let case = Case::random(&mut rng, n, k, out)?;
                 let want = bits(&case.reference());
                 let acts = QuantizedRows::new(&case.x, n, k);
+                let tiles = TernaryTiles::from_packed(&case.packed, k, out)?;
                 for &kernel in Kernel::available() {
                     let mut y = vec![f32::NAN; n * out];
-                    bitlinear_with(kernel, &acts, &case.packed, k, out, case.w_div, &mut y)?;
+                    bitlinear_with(kernel, &acts, &tiles, case.w_div, &mut y)?;
                     assert_eq!(bits(&y), want, "{kernel:?} rows {n}, {k} → {out}");
                 }
             }
@@ -93,13 +100,122 @@ fn the_op_matches_the_reference_in_every_dtype() -> Result<()> {
 }
 
 #[test]
-fn bitlinear_with_refuses_mismatched_shapes() {
+fn long_rows_match_the_reference_past_the_accumulator_flush() -> Result<()> {
+    // 70 000 columns: more steps than the AVX-512 kernel sums before undoing the bit-field
+    // scale, and thousands of AVX2 16-bit flushes.
+    let mut rng = StdRng::seed_from_u64(6);
+    let (n, k, out) = (2, 70_000, 64);
+    let case = Case::random(&mut rng, n, k, out)?;
+    let want = bits(&case.reference());
+    let acts = QuantizedRows::new(&case.x, n, k);
+    let tiles = TernaryTiles::from_packed(&case.packed, k, out)?;
+    for &kernel in Kernel::available() {
+        let mut y = vec![f32::NAN; n * out];
+        bitlinear_with(kernel, &acts, &tiles, case.w_div, &mut y)?;
+        assert_eq!(bits(&y), want, "{kernel:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn segments_share_one_quantization_and_match_each_reference() -> Result<()> {
+    // Like q, k, v: one input, projections of different widths (not all multiples of a tile)
+    // and scales, each matching its own reference bit for bit, side by side.
+    let mut rng = StdRng::seed_from_u64(9);
+    let dev = Device::Cpu;
+    for &(n, k) in &[(1, 2568), (2, 130), (3, 65), (5, 64), (9, 3)] {
+        let outs = [132, 44, 64, 8];
+        let x = random_activations(&mut rng, n, k);
+        let packed: Vec<Vec<u8>> = outs
+            .iter()
+            .map(|&out| random_packed(&mut rng, out, k))
+            .collect::<Result<_>>()?;
+        let w_divs: Vec<f32> = outs.iter().map(|_| rng.random_range(0.5..4.0)).collect();
+        let refs: Vec<Vec<f32>> = (0..outs.len())
+            .map(|s| bitlinear_reference(&x, n, &packed[s], outs[s], w_divs[s]))
+            .collect();
+        let total: usize = outs.iter().sum();
+        let want: Vec<f32> = (0..n)
+            .flat_map(|t| {
+                refs.iter()
+                    .zip(outs)
+                    .flat_map(move |(r, out)| r[t * out..(t + 1) * out].to_vec())
+            })
+            .collect();
+        let parts: Vec<(&[u8], usize)> = packed.iter().map(|p| &p[..]).zip(outs).collect();
+        let tiles = TernaryTiles::from_segments(&parts, k)?;
+        assert_eq!((tiles.out_features(), tiles.segments()), (total, &outs[..]));
+        let acts = QuantizedRows::new(&x, n, k);
+        for &kernel in Kernel::available() {
+            let mut y = vec![f32::NAN; n * total];
+            bitlinear_segments_with(kernel, &acts, &tiles, &w_divs, &mut y)?;
+            assert_eq!(bits(&y), bits(&want), "{kernel:?} rows {n}, {k} → {outs:?}");
+        }
+        let tiles = std::sync::Arc::new(tiles);
+        let xt = Tensor::from_vec(x.clone(), (n, k), &dev)?;
+        let got = bitlinear_segments(&xt, &tiles, &w_divs)?;
+        assert_eq!(got.dims(), &[n, total]);
+        assert_eq!(bits(&got.flatten_all()?.to_vec1()?), bits(&want), "op");
+        let err = bitlinear_segments(&xt, &tiles, &w_divs[1..]).unwrap_err();
+        assert!(err.to_string().contains("3 weight scales for 4"), "{err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn rms_norm_fused_with_quantization_matches_the_norm_then_bitlinear() -> Result<()> {
+    use candle_core::Module;
+    let mut rng = StdRng::seed_from_u64(10);
+    let dev = Device::Cpu;
+    for &(n, k) in &[(1, 2560), (3, 130), (9, 65)] {
+        let outs = [64, 132];
+        let x = Tensor::from_vec(random_activations(&mut rng, n, k), (1, n, k), &dev)?;
+        let gamma: Vec<f32> = (0..k).map(|_| rng.random_range(0.2..3.0)).collect();
+        let gamma = Tensor::from_vec(gamma, k, &dev)?;
+        let vb = candle_nn::VarBuilder::from_tensors(
+            [("weight".to_string(), gamma.clone())].into(),
+            DType::F32,
+            &dev,
+        );
+        let norm = candle_bitnet::norm::RmsNorm::new(k, 1e-5, vb)?;
+        let packed: Vec<Vec<u8>> = outs
+            .iter()
+            .map(|&out| random_packed(&mut rng, out, k))
+            .collect::<Result<_>>()?;
+        let parts: Vec<(&[u8], usize)> = packed.iter().map(|p| &p[..]).zip(outs).collect();
+        let tiles = std::sync::Arc::new(TernaryTiles::from_segments(&parts, k)?);
+        let w_divs = [1.5, 0.75];
+        let want = bitlinear_segments(&norm.forward(&x)?, &tiles, &w_divs)?;
+        let got = rms_norm_bitlinear(&x, &gamma, 1e-5, &tiles, &w_divs)?;
+        assert_eq!(got.dims(), want.dims());
+        let (got, want) = (
+            got.flatten_all()?.to_vec1()?,
+            want.flatten_all()?.to_vec1()?,
+        );
+        assert_eq!(bits(&got), bits(&want), "rows {n}, {k}");
+    }
+    let x = Tensor::zeros((2, 64), DType::F32, &dev)?;
+    let tiles = std::sync::Arc::new(TernaryTiles::from_packed(&[0b01_01_01_01; 64], 64, 4)?);
+    let short = Tensor::ones(32, DType::F32, &dev)?;
+    assert!(rms_norm_bitlinear(&x, &short, 1e-5, &tiles, &[1.0]).is_err());
+    let bf16 = x.to_dtype(DType::BF16)?;
+    let ones = Tensor::ones(64, DType::F32, &dev)?;
+    let err = rms_norm_bitlinear(&bf16, &ones, 1e-5, &tiles, &[1.0]).unwrap_err();
+    assert!(err.to_string().contains("needs f32"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn bitlinear_with_refuses_mismatched_shapes() -> Result<()> {
     let acts = QuantizedRows::new(&[1.0; 6], 2, 3);
+    let tiles = TernaryTiles::from_packed(&[0b01_01_01_01; 3], 3, 4)?;
+    let wide = TernaryTiles::from_packed(&[0b01_01_01_01; 6], 6, 4)?;
     let mut y = vec![0f32; 8];
-    assert!(bitlinear_with(Kernel::Portable, &acts, &[0; 3], 3, 4, 1.0, &mut y).is_ok());
-    assert!(bitlinear_with(Kernel::Portable, &acts, &[0; 4], 3, 4, 1.0, &mut y).is_err());
-    assert!(bitlinear_with(Kernel::Portable, &acts, &[0; 3], 3, 4, 1.0, &mut y[..7]).is_err());
-    assert!(bitlinear_with(Kernel::Portable, &acts, &[0; 6], 6, 4, 1.0, &mut y).is_err());
+    assert!(bitlinear_with(Kernel::Portable, &acts, &tiles, 1.0, &mut y).is_ok());
+    let err = bitlinear_with(Kernel::Portable, &acts, &tiles, 1.0, &mut y[..7]).unwrap_err();
+    assert!(err.to_string().contains("7 outputs"), "{err}");
+    assert!(bitlinear_with(Kernel::Portable, &acts, &wide, 1.0, &mut y).is_err());
+    Ok(())
 }
 
 /// `|got − want| ≤ tol · Σ|x·w|` per element: f32 sums in another order drift by a few ulps of
@@ -171,6 +287,92 @@ fn head_kernels_match_an_f32_matmul() -> Result<()> {
     Ok(())
 }
 
+/// Per-row absmax int8 of `w: [vocab, hidden]`, written out independently of the crate:
+/// `(values, scales)`.
+fn int8_rows_reference(w: &[f32], hidden: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut values = Vec::with_capacity(w.len());
+    let mut scales = Vec::new();
+    for row in w.chunks_exact(hidden) {
+        let absmax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let s = if absmax > 0.0 { 127.0 / absmax } else { 0.0 };
+        values.extend(row.iter().map(|&v| (v * s).round_ties_even() as i8));
+        scales.push(absmax / 127.0);
+    }
+    (values, scales)
+}
+
+#[test]
+fn int8_head_matches_a_pure_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(8);
+    let dev = Device::Cpu;
+    for &(n, vocab, hidden) in &[(1, 300, 2560), (3, 70, 33), (4, 129, 64), (9, 65, 100)] {
+        let x: Vec<f32> = (0..n * hidden)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        // Rows of very different magnitudes, and one all-zero row (scale 0, logits 0).
+        let mut w: Vec<f32> = (0..vocab * hidden)
+            .map(|i| rng.random_range(-0.1..0.1) * (1 + i / hidden % 7) as f32)
+            .collect();
+        w[hidden..2 * hidden].fill(0.0);
+        let head = Int8Head::from_f32(&w, hidden)?;
+        let (values, scales) = int8_rows_reference(&w, hidden);
+        assert_eq!(head.values(), &values[..], "values {vocab}×{hidden}");
+        assert_eq!(
+            bits(head.scales()),
+            bits(&scales),
+            "scales {vocab}×{hidden}"
+        );
+        // Rounding to nearest: each weight moves by at most half a step.
+        for (i, &v) in w.iter().enumerate() {
+            let s = scales[i / hidden];
+            assert!(
+                (values[i] as f32 * s - v).abs() <= 0.5001 * s,
+                "w[{i}] = {v}"
+            );
+        }
+        let dequantized: Vec<f32> = values
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| q as f32 * scales[i / hidden])
+            .collect();
+        for &kernel in Kernel::available() {
+            let mut y = vec![f32::NAN; n * vocab];
+            matmul_int8(kernel, &x, &head, &mut y)?;
+            let what = format!("{kernel:?} {n}×{hidden}→{vocab}");
+            assert_head_close(&y, &x, &dequantized, hidden, &what);
+            assert!(y.iter().skip(1).step_by(vocab).all(|&v| v == 0.0), "{what}");
+        }
+        let head = std::sync::Arc::new(head);
+        let xt = Tensor::from_vec(x.clone(), (1, n, hidden), &dev)?.to_dtype(DType::BF16)?;
+        let got = matmul_int8_head(&xt, &head)?;
+        assert_eq!((got.dims(), got.dtype()), (&[1, n, vocab][..], DType::F32));
+        let x_bf16 = xt.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let got = got.flatten_all()?.to_vec1::<f32>()?;
+        assert_head_close(&got, &x_bf16, &dequantized, hidden, "op");
+    }
+    Ok(())
+}
+
+#[test]
+fn int8_head_refuses_bad_input() -> Result<()> {
+    assert!(Int8Head::from_f32(&[1.0; 5], 2).is_err());
+    assert!(Int8Head::from_f32(&[], 2).is_err());
+    for bad in [f32::INFINITY, f32::NAN] {
+        let err = Int8Head::from_f32(&[1.0, 1.0, 1.0, bad], 2).unwrap_err();
+        assert!(err.to_string().contains("row 1"), "{err}");
+    }
+    let head = std::sync::Arc::new(Int8Head::from_f32(&[1.0; 6], 3)?);
+    let x = Tensor::from_vec(vec![1.0f32; 4], (1, 4), &Device::Cpu)?;
+    let err = matmul_int8_head(&x, &head).unwrap_err();
+    assert!(
+        err.to_string().contains("last dimension must be 3"),
+        "{err}"
+    );
+    let mut y = vec![0f32; 3];
+    assert!(matmul_int8(Kernel::Portable, &[1.0; 3], &head, &mut y).is_err());
+    Ok(())
+}
+
 #[test]
 fn activation_quantization_edge_rows_match_the_reference() -> Result<()> {
     // Rows the quantizer must get exactly right in every kernel: all zero (scale clamp), ties at
@@ -199,9 +401,10 @@ fn activation_quantization_edge_rows_match_the_reference() -> Result<()> {
     let packed = pack_ternary(&values, out, k)?;
     let want = bits(&bitlinear_reference(&x, rows.len(), &packed, out, 1.5));
     let acts = QuantizedRows::new(&x, rows.len(), k);
+    let tiles = TernaryTiles::from_packed(&packed, k, out)?;
     for &kernel in Kernel::available() {
         let mut y = vec![f32::NAN; rows.len() * out];
-        bitlinear_with(kernel, &acts, &packed, k, out, 1.5, &mut y)?;
+        bitlinear_with(kernel, &acts, &tiles, 1.5, &mut y)?;
         assert_eq!(bits(&y), want, "{kernel:?}");
     }
     // The tie row really holds ties, and they round to even, not away from zero.

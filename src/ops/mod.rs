@@ -11,6 +11,7 @@ pub mod cuda;
 pub mod launch;
 mod stages;
 
+pub use cpu::Int8Head;
 pub use stages::{
     bitlinear_accumulate, bitlinear_with_kernel, dequantize, quantize_activations,
     BitLinearKernelOp, DequantizeOp, GpuKernel, QuantPart, QuantizeOp,
@@ -19,6 +20,7 @@ pub use stages::{
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use std::borrow::Cow;
+use std::sync::Arc;
 
 /// Packed ternary weights `[out/4, in]` (U8) times activations `[.., in]` (f32/bf16/f16).
 #[derive(Debug, Clone, Copy)]
@@ -99,19 +101,13 @@ impl CustomOp2 for BitLinearOp {
         let CpuStorage::U8(w) = w else {
             bail!("bitlinear: packed weight must be U8, found {:?}", w.dtype())
         };
-        let w = contiguous(w, w_layout)?;
-        let x_f32 = to_f32(x, x_layout)?;
-        let acts = cpu::QuantizedRows::new(&x_f32, n_rows, self.in_features);
-        let mut y = vec![0f32; n_rows * self.out_features];
-        cpu::bitlinear(
-            &acts,
-            w,
+        let w = cpu::TernaryTiles::from_packed(
+            contiguous(w, w_layout)?,
             self.in_features,
             self.out_features,
-            self.w_div,
-            &mut y,
         )?;
-        Ok((from_f32(y, x.dtype())?, out_shape))
+        let y = cpu::bitlinear_storage(x, x_layout, n_rows, &w, &[self.w_div])?;
+        Ok((y, out_shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -132,6 +128,8 @@ impl CustomOp2 for BitLinearOp {
 }
 
 /// BitLinear of `x: [.., in]` with packed `weight: [out/4, in]` (U8): `[.., out]` in x's dtype.
+/// The CPU converts the weight to [`cpu::TernaryTiles`] on every call: layers hold the tiles
+/// and call [`bitlinear_tiles`].
 pub fn bitlinear(x: &Tensor, weight: &Tensor, w_div: f32) -> Result<Tensor> {
     let (r, in_features) = weight.dims2()?;
     if weight.dtype() != DType::U8 {
@@ -146,6 +144,52 @@ pub fn bitlinear(x: &Tensor, weight: &Tensor, w_div: f32) -> Result<Tensor> {
         w_div,
     };
     x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
+}
+
+/// BitLinear of a CPU `x: [.., in]` (f32/bf16/f16) with weights in the CPU tile layout:
+/// `[.., out]` in x's dtype.
+pub fn bitlinear_tiles(x: &Tensor, w: &Arc<cpu::TernaryTiles>, w_div: f32) -> Result<Tensor> {
+    bitlinear_segments(x, w, &[w_div])
+}
+
+/// Several projections of the same CPU `x: [.., in]` in one op, weights from
+/// [`cpu::TernaryTiles::from_segments`], one `w_div` each: `x` is quantized once, and the
+/// outputs come side by side, `[.., Σ out]` in x's dtype (split them with `narrow`).
+pub fn bitlinear_segments(
+    x: &Tensor,
+    w: &Arc<cpu::TernaryTiles>,
+    w_divs: &[f32],
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&cpu::BitLinearTilesOp {
+        w: w.clone(),
+        w_divs: w_divs.to_vec(),
+    })
+}
+
+/// RMSNorm of a CPU f32 `x: [.., in]` by `norm_weight: [in]` (f32), fused with the int8
+/// quantization of [`bitlinear_segments`]: bit for bit the same as [`crate::norm::RmsNorm`]
+/// followed by it, without the normalized tensor.
+pub fn rms_norm_bitlinear(
+    x: &Tensor,
+    norm_weight: &Tensor,
+    eps: f64,
+    w: &Arc<cpu::TernaryTiles>,
+    w_divs: &[f32],
+) -> Result<Tensor> {
+    let op = cpu::RmsNormBitLinearOp {
+        eps: eps as f32,
+        w: w.clone(),
+        w_divs: w_divs.to_vec(),
+    };
+    x.contiguous()?
+        .apply_op2_no_bwd(&norm_weight.contiguous()?, &op)
+}
+
+/// The LM head through an [`Int8Head`] (opt-in, per-row int8 weights): `x: [.., hidden]`
+/// (f32/bf16/f16) to `[.., vocab]` f32 logits. CPU only.
+pub fn matmul_int8_head(x: &Tensor, head: &Arc<Int8Head>) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op1_no_bwd(&cpu::MatmulInt8Head(head.clone()))
 }
 
 /// The LM head `x: [.., hidden]` (f32) times `w: [vocab, hidden]` (bf16) transposed:

@@ -1,27 +1,35 @@
-//! CPU kernels: BitLinear on packed ternary codes and the bf16-weight LM head.
+//! CPU kernels: BitLinear on ternary row tiles, and the LM head on bf16 or (opt-in) int8 weights.
 //!
 //! BitLinear quantizes each token to int8 (exactly as [`crate::quant::quantize_activations`]),
-//! then takes exact i32 dot products with the packed 2-bit codes read in place (layout in
-//! [`crate::quant`]). The codes are unsigned (value + 1), so each dot product is
-//! `Σ code·x_q − Σ x_q`: unsigned×signed byte products are what VNNI (`vpdpbusd`) and AVX2
-//! (`vpmaddubsw`) multiply natively. One packed row yields four output features, so each 64-byte
-//! chunk of codes is split into four planes (shift + mask) that all meet the same activations.
+//! then takes exact i32 dot products with the 2-bit codes of [`TernaryTiles`], the layout the
+//! kernels want, converted once from the canonical one of [`crate::quant`]. The codes are
+//! unsigned (value + 1), so each dot product is `Σ code·x_q − Σ x_q`: unsigned×signed byte
+//! products are what VNNI (`vpdpbusd`) and AVX2 (`vpmaddubsw`) multiply natively. In a tile each
+//! i32 lane is one output row, so a kernel streams codes against broadcast activations and
+//! never reduces across lanes; decode streams four tiles at once (16 accumulators, prefetch).
 //!
-//! Work is a grid of (token block × packed-row block) tasks over rayon: decode (one token) splits
-//! the rows alone, prefill reuses each decoded chunk across four tokens held in registers.
+//! Work is a grid of (token block × tile block) tasks over rayon; a projection too small to pay
+//! for waking the pool runs on the calling thread. Waking costs most when the caller is not a
+//! rayon worker: it sleeps on every op (~4 voluntary context switches per call); running the
+//! whole decode step inside the pool (`rayon::scope`) keeps the workers awake between ops.
 //! The kernel is picked once per process ([`Kernel::best`]); [`bitlinear_with`] forces one, so
 //! the tests cover every variant the CPU can run.
 
 mod head;
+mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use head::{matmul_bf16, MatmulBf16Weight};
+pub use head::{matmul_bf16, matmul_int8, Int8Head, MatmulBf16Weight, MatmulInt8Head};
+use tiles::BLOCK_BYTES;
+pub use tiles::{TernaryTiles, TILE_ROWS};
 
 use crate::quant::{dequantize_accumulator, ACT_ABSMAX_EPS};
-use candle_core::{bail, Result};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
 use rayon::prelude::*;
-use std::sync::OnceLock;
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
 
 /// Activation rows are padded with zeros to a multiple of this, so SIMD loads of activations
 /// never need a tail (the packed rows are not padded: kernels mask their last chunk).
@@ -87,13 +95,23 @@ impl Kernel {
         self == Kernel::Portable
     }
 
-    /// Tokens one BitLinear micro-tile handles (32 zmm fit 4 tokens × 4 planes; with 16 ymm the
-    /// 2-token AVX2 tile already spills some accumulators, measured still faster than 1).
+    /// Tokens one BitLinear call of the kernel handles (32 zmm hold 4 tokens × 4 bit fields of
+    /// accumulators; 16 ymm hold 2 tokens × 4 fields of half a tile).
     fn max_tokens(self) -> usize {
         match self {
             Kernel::Portable => 1,
             Kernel::Avx2 => 2,
             Kernel::Avx512Vnni => 4,
+        }
+    }
+
+    /// Tiles one call walks side by side for `nt` tokens, at most `left`: the AVX-512 kernel
+    /// keeps 16 accumulators busy, so a lone token streams four tiles at once.
+    fn tiles_in_flight(self, nt: usize, left: usize) -> usize {
+        match (self, nt) {
+            (Kernel::Avx512Vnni, 1) if left >= 4 => 4,
+            (Kernel::Avx512Vnni, 1 | 2) if left >= 2 => 2,
+            _ => 1,
         }
     }
 }
@@ -119,12 +137,40 @@ const PAR_QUANTIZE_ROWS: usize = 8;
 impl QuantizedRows {
     /// Quantizes `x`: `[n_rows, in_features]` f32.
     pub fn new(x: &[f32], n_rows: usize, in_features: usize) -> Self {
+        Self::build(x, n_rows, in_features, quantize_row)
+    }
+
+    /// RMSNorm by `norm_weight` (`[in_features]`, the f32 arithmetic of [`crate::norm`]),
+    /// then quantization, row by row: the same int8 values and scales as quantizing the
+    /// normalized tensor, without it.
+    pub fn from_rms_norm(x: &[f32], n_rows: usize, norm_weight: &[f32], eps: f32) -> Result<Self> {
+        let in_features = norm_weight.len();
+        if in_features == 0 || x.len() != n_rows * in_features {
+            bail!(
+                "rms_norm + quantize: {} inputs for {n_rows} rows of {in_features}",
+                x.len()
+            )
+        }
+        Ok(Self::build(x, n_rows, in_features, |row, q| {
+            let mut normed = vec![0f32; row.len()];
+            crate::norm::rms_norm_row(row, norm_weight, eps, &mut normed);
+            quantize_row(&normed, q)
+        }))
+    }
+
+    /// Runs `quantize(row, q)` on each row, in parallel for large batches.
+    fn build(
+        x: &[f32],
+        n_rows: usize,
+        in_features: usize,
+        quantize: impl Fn(&[f32], &mut [i8]) -> (f32, i32) + Sync,
+    ) -> Self {
         let k_padded = in_features.next_multiple_of(K_ALIGN);
         let mut values = vec![0i8; n_rows * k_padded];
         let mut scales = vec![0f32; n_rows];
         let mut sums = vec![0i32; n_rows];
         let quantize = |((row, q), (s, sum)): (QuantizeIo, (&mut f32, &mut i32))| {
-            (*s, *sum) = quantize_row(row, &mut q[..in_features]);
+            (*s, *sum) = quantize(row, &mut q[..in_features]);
         };
         let rows = x.chunks_exact(in_features.max(1)).take(n_rows);
         if n_rows >= PAR_QUANTIZE_ROWS {
@@ -187,74 +233,188 @@ fn quantize_row_body(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     (scale, sum)
 }
 
-/// `y[t, k·R + j] = (Σ_c W[k·R + j, c]·x_q[t, c]) / (w_div · s_x[t])` for all rows `t`, with the
-/// best kernel. `packed` is `[R, in_features]` with `R = out_features / 4`; `y` is
-/// `[n_rows, out_features]`.
-pub fn bitlinear(
-    acts: &QuantizedRows,
-    packed: &[u8],
-    in_features: usize,
-    out_features: usize,
-    w_div: f32,
-    y: &mut [f32],
-) -> Result<()> {
-    bitlinear_with(
-        Kernel::best(),
-        acts,
-        packed,
-        in_features,
-        out_features,
-        w_div,
-        y,
-    )
+/// BitLinear with weights held in the tile layout: `x: [.., in]` (f32/bf16/f16) to
+/// `[.., out]` in x's dtype. CPU only: devices keep the canonical layout.
+#[derive(Debug, Clone)]
+pub struct BitLinearTilesOp {
+    pub w: Arc<TernaryTiles>,
+    /// Per segment of `w`, the divisor of the i32 accumulator besides the activation scale
+    /// (see [`crate::quant`]).
+    pub w_divs: Vec<f32>,
+}
+
+impl CustomOp1 for BitLinearTilesOp {
+    fn name(&self) -> &'static str {
+        "bitlinear-tiles"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let k = self.w.in_features();
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&k) {
+            bail!("bitlinear: input shape {dims:?}, last dimension must be {k}")
+        }
+        let mut out = dims.to_vec();
+        if let Some(last) = out.last_mut() {
+            *last = self.w.out_features();
+        }
+        let n_rows = layout.shape().elem_count() / k;
+        let y = bitlinear_storage(x, layout, n_rows, &self.w, &self.w_divs)?;
+        Ok((y, Shape::from(out)))
+    }
+}
+
+/// RMSNorm (f32, weight `[in]`) fused with BitLinear through tiles: `x: [.., in]` f32 to
+/// `[.., Σ out]` f32, the same bits as the norm followed by [`BitLinearTilesOp`].
+#[derive(Debug, Clone)]
+pub struct RmsNormBitLinearOp {
+    pub eps: f32,
+    pub w: Arc<TernaryTiles>,
+    /// Per segment of `w` (see [`BitLinearTilesOp`]).
+    pub w_divs: Vec<f32>,
+}
+
+impl CustomOp2 for RmsNormBitLinearOp {
+    fn name(&self) -> &'static str {
+        "rms-norm-bitlinear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        layout: &Layout,
+        norm_weight: &CpuStorage,
+        norm_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(nw)) = (x, norm_weight) else {
+            bail!(
+                "rms-norm-bitlinear: needs f32 input and norm weight, found {:?} and {:?}",
+                x.dtype(),
+                norm_weight.dtype()
+            )
+        };
+        let k = self.w.in_features();
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&k) || norm_layout.shape().elem_count() != k {
+            bail!(
+                "rms-norm-bitlinear: input shape {dims:?} and norm weight {:?} for {k} features",
+                norm_layout.shape().dims()
+            )
+        }
+        let (x, nw) = (
+            super::contiguous(x, layout)?,
+            super::contiguous(nw, norm_layout)?,
+        );
+        let n_rows = x.len() / k;
+        let acts = QuantizedRows::from_rms_norm(x, n_rows, nw, self.eps)?;
+        let mut y = vec![0f32; n_rows * self.w.out_features()];
+        bitlinear_segments(&acts, &self.w, &self.w_divs, &mut y)?;
+        let mut out = dims.to_vec();
+        if let Some(last) = out.last_mut() {
+            *last = self.w.out_features();
+        }
+        Ok((CpuStorage::F32(y), Shape::from(out)))
+    }
+}
+
+/// Quantizes `n_rows` rows of a float `x`, runs [`bitlinear`] and returns the output in x's
+/// dtype: the body of both CPU BitLinear ops.
+pub(super) fn bitlinear_storage(
+    x: &CpuStorage,
+    layout: &Layout,
+    n_rows: usize,
+    w: &TernaryTiles,
+    w_divs: &[f32],
+) -> Result<CpuStorage> {
+    let x_f32 = super::to_f32(x, layout)?;
+    let acts = QuantizedRows::new(&x_f32, n_rows, w.in_features());
+    let mut y = vec![0f32; n_rows * w.out_features()];
+    bitlinear_segments(&acts, w, w_divs, &mut y)?;
+    super::from_f32(y, x.dtype())
+}
+
+/// `y[t, o] = (Σ_c W[o, c]·x_q[t, c]) / (w_div · s_x[t])` for all rows `t`, with the best
+/// kernel; `y` is `[n_rows, out_features]`.
+pub fn bitlinear(acts: &QuantizedRows, w: &TernaryTiles, w_div: f32, y: &mut [f32]) -> Result<()> {
+    bitlinear_with(Kernel::best(), acts, w, w_div, y)
 }
 
 /// [`bitlinear`] with a chosen kernel; fails if the CPU lacks it or the shapes disagree.
 pub fn bitlinear_with(
     kernel: Kernel,
     acts: &QuantizedRows,
-    packed: &[u8],
-    in_features: usize,
-    out_features: usize,
+    w: &TernaryTiles,
     w_div: f32,
+    y: &mut [f32],
+) -> Result<()> {
+    bitlinear_segments_with(kernel, acts, w, std::slice::from_ref(&w_div), y)
+}
+
+/// BitLinear through tiles of several projections ([`TernaryTiles::from_segments`]), one
+/// `w_div` each, with the best kernel: one quantization of `acts` and one parallel pass for
+/// all of them. `y` is `[n_rows, Σ out]`, segments side by side.
+pub fn bitlinear_segments(
+    acts: &QuantizedRows,
+    w: &TernaryTiles,
+    w_divs: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    bitlinear_segments_with(Kernel::best(), acts, w, w_divs, y)
+}
+
+/// [`bitlinear_segments`] with a chosen kernel.
+pub fn bitlinear_segments_with(
+    kernel: Kernel,
+    acts: &QuantizedRows,
+    w: &TernaryTiles,
+    w_divs: &[f32],
     y: &mut [f32],
 ) -> Result<()> {
     if !kernel.is_available() {
         bail!("bitlinear: kernel {kernel:?} is not supported by this CPU")
     }
-    let (n_rows, r) = (acts.n_rows(), out_features / 4);
-    if !out_features.is_multiple_of(4)
-        || acts.in_features != in_features
-        || packed.len() != r * in_features
-        || y.len() != n_rows * out_features
-    {
+    let (n_rows, out) = (acts.n_rows(), w.out_features());
+    if acts.in_features != w.in_features() || y.len() != n_rows * out {
         bail!(
-            "bitlinear: {n_rows}×{} activations, {} packed bytes and {} outputs for a \
-             [{out_features}, {in_features}] weight",
+            "bitlinear: {n_rows}×{} activations and {} outputs for a [{out}, {}] weight",
             acts.in_features,
-            packed.len(),
-            y.len()
+            y.len(),
+            w.in_features()
         )
     }
-    if n_rows == 0 || r == 0 {
+    if w_divs.len() != w.segments().len() {
+        bail!(
+            "bitlinear: {} weight scales for {} projections",
+            w_divs.len(),
+            w.segments().len()
+        )
+    }
+    if n_rows == 0 {
         return Ok(());
     }
-    let grid = Grid::new(n_rows, r, in_features, rayon::current_num_threads());
-    let out = OutPtr(y.as_mut_ptr());
-    (0..grid.tasks()).into_par_iter().for_each(|task| {
-        let (tokens, rows) = grid.task(task);
-        let store = |t: usize, j: usize, dots: [i32; 4]| {
+    let grid = Grid::new(n_rows, w, rayon::current_num_threads());
+    let out_ptr = OutPtr(y.as_mut_ptr());
+    let task = |task: usize| {
+        let (tokens, tiles) = grid.task(task);
+        let store = |t: usize, tile: usize, dots: &[i32; TILE_ROWS]| {
             let (s, sum) = (acts.scales[t], acts.sums[t]);
-            for (k, d) in dots.into_iter().enumerate() {
-                let v = dequantize_accumulator(d - sum, s, w_div);
-                // SAFETY: t < n_rows, j < r, so the index is inside `y`; tasks own disjoint
-                // (token, packed-row) ranges and (t, k, j) ↦ t·out + k·r + j is injective, so
-                // no two threads write the same element, and `y` outlives the parallel loop.
-                unsafe { out.write(t * out_features + k * r + j, v) };
+            let (segment, o0, len) = w.tile_output(tile);
+            let w_div = w_divs[segment];
+            // SAFETY: t < n_rows and o0 + len ≤ out, so the range is inside `y`; tasks own
+            // disjoint (token, tile) ranges, so no two threads write the same element, and
+            // `y` outlives the parallel loop.
+            let y = unsafe { out_ptr.slice(t * out + o0, len) };
+            for (y, &d) in y.iter_mut().zip(dots) {
+                *y = dequantize_accumulator(d - sum, s, w_div);
             }
         };
-        run_task(kernel, acts, packed, in_features, tokens, rows, store);
-    });
+        run_task(kernel, acts, w, tokens, tiles, store);
+    };
+    if grid.tasks() == 1 {
+        task(0);
+    } else {
+        (0..grid.tasks()).into_par_iter().for_each(task);
+    }
     Ok(())
 }
 
@@ -270,6 +430,15 @@ impl OutPtr {
         // SAFETY: the caller's contract.
         unsafe { *self.0.add(i) = v }
     }
+
+    /// # Safety
+    /// `start..start + len` is in bounds of the slice the pointer came from, which is alive,
+    /// and no other thread accesses that range while the returned slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice<'a>(self, start: usize, len: usize) -> &'a mut [f32] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
 }
 
 // SAFETY: only used for writes to disjoint elements, see the call sites.
@@ -277,129 +446,119 @@ unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
 
-/// Per-task bytes of packed rows: the block is re-read once per 4-token group, so it should
-/// stay in L2 (512 KiB and up on current x86 and ARM cores).
+/// Per-task bytes of tiles: the block is re-read once per token group, so it should stay in
+/// L2 (512 KiB and up on current x86 and ARM cores).
 const TASK_WEIGHT_BYTES: usize = 256 << 10;
 /// Tokens per task: bounds the activations a task walks (64 rows of 2560 = 160 KiB).
 const TASK_TOKENS: usize = 64;
 /// Tasks per thread, so that uneven cores or a busy thread still balance.
 const TASKS_PER_THREAD: usize = 4;
+/// Below this many bytes of weights per token row, one thread does the whole op: waking the
+/// pool costs more than it saves.
+const SERIAL_BYTES: usize = 96 << 10;
 
-/// A split of `[n_rows tokens] × [r packed rows]` into equal rectangles.
+/// A split of `[n_rows tokens] × [tiles]` into equal rectangles.
 struct Grid {
     n_rows: usize,
-    r: usize,
+    tiles: usize,
     token_block: usize,
-    row_block: usize,
-    row_blocks: usize,
+    tile_block: usize,
+    tile_blocks: usize,
 }
 
 impl Grid {
-    fn new(n_rows: usize, r: usize, in_features: usize, threads: usize) -> Self {
+    fn new(n_rows: usize, w: &TernaryTiles, threads: usize) -> Self {
+        let tiles = w.tiles();
         let token_block = n_rows.min(TASK_TOKENS);
         let token_blocks = n_rows.div_ceil(token_block);
-        let for_balance = (threads * TASKS_PER_THREAD).div_ceil(token_blocks);
-        let for_cache = (r * in_features).div_ceil(TASK_WEIGHT_BYTES);
-        // Even blocks let the single-token path pair rows throughout.
-        let row_block = r
-            .div_ceil(for_balance.max(for_cache).clamp(1, r))
-            .next_multiple_of(2);
+        let tasks = if n_rows * w.bytes() < SERIAL_BYTES {
+            1
+        } else {
+            (threads * TASKS_PER_THREAD).div_ceil(token_blocks)
+        };
+        let for_cache = w.bytes().div_ceil(TASK_WEIGHT_BYTES);
+        let tile_block = tiles.div_ceil(tasks.max(for_cache).clamp(1, tiles));
         Self {
             n_rows,
-            r,
+            tiles,
             token_block,
-            row_block,
-            row_blocks: r.div_ceil(row_block),
+            tile_block,
+            tile_blocks: tiles.div_ceil(tile_block),
         }
     }
 
     fn tasks(&self) -> usize {
-        self.n_rows.div_ceil(self.token_block) * self.row_blocks
+        self.n_rows.div_ceil(self.token_block) * self.tile_blocks
     }
 
-    fn task(&self, i: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
-        let (tb, rb) = (i / self.row_blocks, i % self.row_blocks);
+    fn task(&self, i: usize) -> (Range<usize>, Range<usize>) {
+        let (tb, rb) = (i / self.tile_blocks, i % self.tile_blocks);
         let t0 = tb * self.token_block;
-        let j0 = rb * self.row_block;
+        let j0 = rb * self.tile_block;
         (
             t0..(t0 + self.token_block).min(self.n_rows),
-            j0..(j0 + self.row_block).min(self.r),
+            j0..(j0 + self.tile_block).min(self.tiles),
         )
     }
 }
 
-/// One task: groups of up to `max_tokens` tokens (outer, so they stay in L1) against the packed
-/// rows (inner, from L2); a single token takes rows in pairs for more independent accumulators.
+/// One task: groups of up to `max_tokens` tokens (outer, so they stay in L1) against the tiles
+/// (inner, from L2); a single token walks several tiles at once, for more loads in flight.
 fn run_task(
     kernel: Kernel,
     acts: &QuantizedRows,
-    packed: &[u8],
-    k: usize,
-    tokens: std::ops::Range<usize>,
-    rows: std::ops::Range<usize>,
-    mut store: impl FnMut(usize, usize, [i32; 4]),
+    w: &TernaryTiles,
+    tokens: Range<usize>,
+    tiles: Range<usize>,
+    mut store: impl FnMut(usize, usize, &[i32; TILE_ROWS]),
 ) {
-    let mut dots = [[0i32; 4]; 4];
+    let mut dots = [[0i32; TILE_ROWS]; 4];
     let mut t = tokens.start;
     while t < tokens.end {
         let nt = kernel.max_tokens().min(tokens.end - t);
         let x = acts.rows(t, nt);
-        let mut j = rows.start;
-        while j < rows.end {
-            let np = if nt == 1 && j + 2 <= rows.end { 2 } else { 1 };
-            let w = &packed[j * k..(j + np) * k];
-            let dots = &mut dots[..np * nt];
-            tile(kernel, w, k, np, x, acts.k_padded, nt, dots);
+        let mut j = tiles.start;
+        while j < tiles.end {
+            let ng = kernel.tiles_in_flight(nt, tiles.end - j);
+            let dots = &mut dots[..ng * nt];
+            tile(kernel, w, j..j + ng, x, acts.k_padded, nt, dots);
             for (i, d) in dots.iter().enumerate() {
-                // `dots` is [np][nt]
-                store(t + i % nt, j + i / nt, *d);
+                // `dots` is [ng][nt]
+                store(t + i % nt, j + i / nt, d);
             }
-            j += np;
+            j += ng;
         }
         t += nt;
     }
 }
 
-/// Raw `Σ_c code_k(w[p, c])·x[t, c]` for `np` packed rows `w` (`[np, k]`) and `nt` token rows `x`
-/// (`[nt, kp]`, zero-padded), into `dots` `[np][nt]`.
-#[allow(clippy::too_many_arguments)]
+/// Raw `Σ_c code(W[o, c])·x[t, c]` of every row `o` of `tiles` and each of the `nt` token rows
+/// `x` (`[nt, kp]`, zero-padded), into `dots` `[tiles][nt]`.
 fn tile(
     kernel: Kernel,
-    w: &[u8],
-    k: usize,
-    np: usize,
+    w: &TernaryTiles,
+    tiles: Range<usize>,
     x: &[i8],
     kp: usize,
     nt: usize,
-    dots: &mut [[i32; 4]],
+    dots: &mut [[i32; TILE_ROWS]],
 ) {
+    let (steps, ng) = (w.steps(), tiles.len());
+    let w = w.tile_bytes(tiles);
     match kernel {
-        // SAFETY (both arms): `bitlinear_with` runs only kernels from `Kernel::available()`,
-        // and `run_task` passes whole rows: `w` is [np, k], `x` is [nt, kp] with kp = k rounded
-        // up to 64, nt ≤ max_tokens, np = 2 only for one token.
+        // SAFETY (both arms): `bitlinear_with` runs only kernels from `Kernel::available()`;
+        // `run_task` passes whole tiles and token rows of kp ≥ in_features rounded up to 64
+        // (≥ 4·steps), with (ng, nt) from `tiles_in_flight`.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => unsafe { x86::tile_vnni(w, k, np, x, kp, nt, dots) },
+        Kernel::Avx512Vnni => unsafe { x86::tiles_vnni(w, steps, ng, x, kp, nt, dots) },
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => unsafe { x86::tile_avx2(w, k, np, x, kp, nt, dots) },
+        Kernel::Avx2 => unsafe { x86::tile_avx2(w, steps, x, kp, nt, dots) },
         _ => {
             for (i, d) in dots.iter_mut().enumerate() {
-                let (p, t) = (i / nt, i % nt);
-                *d = code_dots_portable(&w[p * k..(p + 1) * k], &x[t * kp..(t + 1) * kp]);
+                let (g, t) = (i / nt, i % nt);
+                let tile = &w[g * steps * BLOCK_BYTES..(g + 1) * steps * BLOCK_BYTES];
+                tiles::tile_dots_portable(tile, &x[t * kp..(t + 1) * kp], d);
             }
         }
     }
-}
-
-/// `Σ_c ((packed[c] >> 2k) & 3) · x[c]` for k = 0..4: one packed row against one activation row.
-/// `x` may be longer than `packed` (padding); only `packed.len()` columns are used.
-fn code_dots_portable(packed: &[u8], x: &[i8]) -> [i32; 4] {
-    let mut acc = [0i32; 4];
-    for (&p, &x) in packed.iter().zip(x) {
-        let x = x as i32;
-        acc[0] += (p & 3) as i32 * x;
-        acc[1] += ((p >> 2) & 3) as i32 * x;
-        acc[2] += ((p >> 4) & 3) as i32 * x;
-        acc[3] += (p >> 6) as i32 * x;
-    }
-    acc
 }

@@ -1,217 +1,245 @@
 //! x86-64 kernels behind run-time detection ([`super::Kernel`]).
 //!
-//! BitLinear micro-tiles take `P` packed rows (`[P, k]` codes) and `T` token rows (`[T, kp]`
-//! int8, zero-padded to `kp`, a multiple of 64 ≥ k) and return the four raw code-plane dot
-//! products of every (row, token) pair. Each loaded chunk of codes is split into its four planes
-//! once and multiplied with every token, so prefill pays the decode once per `T` tokens.
+//! BitLinear kernels walk row tiles ([`super::tiles`]): each block of codes is loaded once,
+//! its bit fields masked in place and multiplied with every token's broadcast activations,
+//! so lane `i` of an accumulator is one output row throughout and nothing is reduced across
+//! lanes.
 
+use super::head::{HeadWeight, Task};
+use super::tiles::{BLOCK_BYTES, TILE_ROWS};
 use std::arch::x86_64::*;
 
-/// BitLinear tile with AVX-512 VNNI; `dots` is `[np][nt]`, `np == 2` only with `nt == 1`.
+/// Steps (blocks of 4 columns) summed in i32 before the `4^p` scale of the bit fields is
+/// undone: a lane gains at most 4·128·128 per step (code 2 in field 3 reads as 128), so
+/// 2¹⁴ steps stay under 2³¹.
+const VNNI_FLUSH_STEPS: usize = 1 << 14;
+/// How far ahead of the loads software prefetch runs, per tile stream.
+const PREFETCH_BYTES: usize = 1024;
+
+/// BitLinear on `ng` tiles (`w`: `[ng, steps · 64]`, 64-byte aligned) against `nt` token rows
+/// (`x`: `[nt, kp]`, zero-padded, `kp ≥ 4 · steps`); `dots` is `[ng][nt]`, raw `Σ code · x`.
 ///
 /// # Safety
-/// The CPU must support AVX-512F, AVX-512BW and AVX-512VNNI. `w` is `[np, k]`, `x` is
-/// `[nt, kp]` with `kp.is_multiple_of(64)`, `kp >= k`, `nt <= 4`, `dots.len() == np·nt`.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn tile_vnni(
+/// The CPU must support AVX-512F, AVX-512BW and AVX-512VNNI; shapes as above, with
+/// `(ng, nt)` one of (4, 1), (2, 1), (1, 1), (2, 2), (1, 2), (1, 3), (1, 4).
+pub(super) unsafe fn tiles_vnni(
     w: &[u8],
-    k: usize,
-    np: usize,
+    steps: usize,
+    ng: usize,
     x: &[i8],
     kp: usize,
     nt: usize,
-    dots: &mut [[i32; 4]],
+    dots: &mut [[i32; TILE_ROWS]],
 ) {
     // SAFETY: the features and shapes are the caller's contract.
     unsafe {
-        match (np, nt) {
-            (2, _) => vnni::<2, 1>(w, k, x, kp, dots),
-            (_, 1) => vnni::<1, 1>(w, k, x, kp, dots),
-            (_, 2) => vnni::<1, 2>(w, k, x, kp, dots),
-            (_, 3) => vnni::<1, 3>(w, k, x, kp, dots),
-            _ => vnni::<1, 4>(w, k, x, kp, dots),
+        match (ng, nt) {
+            (4, 1) => vnni::<4, 1>(w, steps, x, kp, dots),
+            (2, 1) => vnni::<2, 1>(w, steps, x, kp, dots),
+            (2, 2) => vnni::<2, 2>(w, steps, x, kp, dots),
+            (_, 1) => vnni::<1, 1>(w, steps, x, kp, dots),
+            (_, 2) => vnni::<1, 2>(w, steps, x, kp, dots),
+            (_, 3) => vnni::<1, 3>(w, steps, x, kp, dots),
+            _ => vnni::<1, 4>(w, steps, x, kp, dots),
         }
     }
 }
 
-/// BitLinear tile with AVX2; `np == 2` only with `nt == 1`, `nt <= 2`.
+/// Four activations `x[4s..4s + 4]` of row `t` in every i32 lane.
 ///
 /// # Safety
-/// The CPU must support AVX2; shapes as in [`tile_vnni`].
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn tile_avx2(
-    w: &[u8],
-    k: usize,
-    np: usize,
-    x: &[i8],
-    kp: usize,
-    nt: usize,
-    dots: &mut [[i32; 4]],
-) {
-    // SAFETY: the features and shapes are the caller's contract.
-    unsafe {
-        match (np, nt) {
-            (2, _) => avx2::<2, 1>(w, k, x, kp, dots),
-            (_, 1) => avx2::<1, 1>(w, k, x, kp, dots),
-            _ => avx2::<1, 2>(w, k, x, kp, dots),
-        }
-    }
-}
-
-/// The four code planes of 64 packed bytes: `(v >> 2k) & 3`. The 16-bit shift drags bits across
-/// byte boundaries, and the mask drops them.
+/// Bytes `t·kp + 4s .. + 4` are inside `x`.
 #[inline(always)]
-fn planes512(v: __m512i) -> [__m512i; 4] {
-    // SAFETY: only inlined into functions that enable AVX-512F/BW.
-    unsafe {
-        let m = _mm512_set1_epi8(3);
-        [
-            _mm512_and_si512(v, m),
-            _mm512_and_si512(_mm512_srli_epi16::<2>(v), m),
-            _mm512_and_si512(_mm512_srli_epi16::<4>(v), m),
-            _mm512_and_si512(_mm512_srli_epi16::<6>(v), m),
-        ]
-    }
+unsafe fn broadcast4(x: &[i8], t: usize, kp: usize, s: usize) -> i32 {
+    // SAFETY: the caller's contract.
+    unsafe { std::ptr::read_unaligned(x.as_ptr().add(t * kp + 4 * s).cast::<i32>()) }
 }
 
-// The loops index the register tile `acc[p][t][plane]` directly, as the hardware sees it.
+// The loops index the register tile `acc[g][t][p]` directly, as the hardware sees it.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn vnni<const P: usize, const T: usize>(
+unsafe fn vnni<const G: usize, const T: usize>(
     w: &[u8],
-    k: usize,
+    steps: usize,
     x: &[i8],
     kp: usize,
-    dots: &mut [[i32; 4]],
+    dots: &mut [[i32; TILE_ROWS]],
 ) {
-    debug_assert!(w.len() == P * k && x.len() == T * kp && kp.is_multiple_of(64) && kp >= k);
-    debug_assert!(dots.len() == P * T);
-    let mut acc = [[[_mm512_setzero_si512(); 4]; T]; P];
-    let mut c = 0;
-    while c < k {
-        // The last chunk of a row whose length is not a multiple of 64 loads only its own
-        // bytes; the masked-off lanes read as zero codes and the activations there are padding.
-        let mask = if c + 64 <= k {
-            u64::MAX
-        } else {
-            u64::MAX >> (64 - (k - c))
-        };
-        let mut planes = [[_mm512_setzero_si512(); 4]; P];
-        for (p, planes) in planes.iter_mut().enumerate() {
-            // SAFETY: the lanes selected by `mask` are bytes p·k + c .. min(p·k + c + 64, (p+1)·k)
-            // of `w`; masked-off lanes are not read.
-            let v = unsafe { _mm512_maskz_loadu_epi8(mask, w.as_ptr().add(p * k + c).cast()) };
-            *planes = planes512(v);
-        }
-        for t in 0..T {
-            // SAFETY: c < k ≤ kp and both c and kp are multiples of 64, so the 64 bytes at
-            // t·kp + c lie inside row t of `x`.
-            let xv = unsafe { _mm512_loadu_si512(x.as_ptr().add(t * kp + c).cast()) };
-            for p in 0..P {
-                for (a, &q) in acc[p][t].iter_mut().zip(&planes[p]) {
-                    *a = _mm512_dpbusd_epi32(*a, q, xv);
-                }
-            }
-        }
-        c += 64;
-    }
-    for p in 0..P {
-        for t in 0..T {
-            let [a, b, c, d] = acc[p][t];
-            let half = |v: __m512i| {
-                _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
-            };
-            let s = hsum4_256(half(a), half(b), half(c), half(d));
-            // SAFETY: `dots[p·T + t]` is 16 writable bytes.
-            unsafe { _mm_storeu_si128(dots[p * T + t].as_mut_ptr().cast(), s) };
-        }
-    }
-}
-
-/// `[Σa, Σb, Σc, Σd]` of four 8-lane vectors.
-#[inline(always)]
-fn hsum4_256(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m128i {
-    // SAFETY: only inlined into functions that enable AVX2.
-    unsafe {
-        // Per 128-bit lane: [a01, a23, b01, b23], then [a0123, b0123, c0123, d0123].
-        let abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
-        _mm_add_epi32(
-            _mm256_castsi256_si128(abcd),
-            _mm256_extracti128_si256::<1>(abcd),
-        )
-    }
-}
-
-/// 32-byte chunks summed in i16 before widening: 32 · 768 < 2¹⁵ (768 with a corrupt code 3).
-const I16_CHUNKS: usize = 32;
-
-#[allow(clippy::needless_range_loop)]
-#[target_feature(enable = "avx2")]
-unsafe fn avx2<const P: usize, const T: usize>(
-    w: &[u8],
-    k: usize,
-    x: &[i8],
-    kp: usize,
-    dots: &mut [[i32; 4]],
-) {
-    debug_assert!(w.len() == P * k && x.len() == T * kp && kp.is_multiple_of(64) && kp >= k);
-    debug_assert!(dots.len() == P * T);
-    let m = _mm256_set1_epi8(3);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [[[_mm256_setzero_si256(); 4]; T]; P];
-    let mut c = 0;
-    while c < k {
-        // `vpmaddubsw` pairs are at most 2·2·128 = 512 in magnitude (768 if a code were 3), so
-        // 32 of them fit an i16 lane: widen to i32 (`vpmaddwd`) once per 32 chunks, not per chunk.
-        let block_end = k.min(c + 32 * I16_CHUNKS);
-        let mut acc16 = [[[_mm256_setzero_si256(); 4]; T]; P];
-        while c < block_end {
-            let mut planes = [[_mm256_setzero_si256(); 4]; P];
-            for (p, planes) in planes.iter_mut().enumerate() {
-                let row = &w[p * k..(p + 1) * k];
-                let v = if c + 32 <= k {
-                    // SAFETY: bytes c..c + 32 of `row`.
-                    unsafe { _mm256_loadu_si256(row.as_ptr().add(c).cast()) }
-                } else {
-                    // No byte-masked loads in AVX2: the row's tail goes through a zeroed buffer.
-                    let mut tail = [0u8; 32];
-                    tail[..k - c].copy_from_slice(&row[c..]);
-                    // SAFETY: `tail` is 32 bytes.
-                    unsafe { _mm256_loadu_si256(tail.as_ptr().cast()) }
-                };
-                *planes = [
-                    _mm256_and_si256(v, m),
-                    _mm256_and_si256(_mm256_srli_epi16::<2>(v), m),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), m),
-                    _mm256_and_si256(_mm256_srli_epi16::<6>(v), m),
-                ];
-            }
+    let stride = steps * BLOCK_BYTES;
+    debug_assert!(w.len() == G * stride && x.len() == T * kp && kp >= 4 * steps);
+    debug_assert!(dots.len() == G * T && w.as_ptr().align_offset(64) == 0);
+    let fields = [
+        _mm512_set1_epi8(0x03),
+        _mm512_set1_epi8(0x0c),
+        _mm512_set1_epi8(0x30),
+        _mm512_set1_epi8(0xc0u8 as i8),
+    ];
+    dots.fill([0; TILE_ROWS]);
+    let mut s0 = 0;
+    while s0 < steps {
+        let end = steps.min(s0 + VNNI_FLUSH_STEPS);
+        let mut acc = [[[_mm512_setzero_si512(); 4]; T]; G];
+        for s in s0..end {
+            let mut xb = [_mm512_setzero_si512(); T];
             for t in 0..T {
-                // SAFETY: c < k ≤ kp, c % 32 == 0 and kp.is_multiple_of(64), so bytes t·kp + c .. + 32
-                // are inside row t of `x`.
-                let xv = unsafe { _mm256_loadu_si256(x.as_ptr().add(t * kp + c).cast()) };
-                for p in 0..P {
-                    for (a, &q) in acc16[p][t].iter_mut().zip(&planes[p]) {
-                        *a = _mm256_add_epi16(*a, _mm256_maddubs_epi16(q, xv));
+                // SAFETY: 4s + 4 ≤ 4·steps ≤ kp.
+                xb[t] = _mm512_set1_epi32(unsafe { broadcast4(x, t, kp, s) });
+            }
+            for g in 0..G {
+                // SAFETY: g < G and s < steps, so the block's 64 bytes are inside `w`
+                // (`[G, steps · 64]`, 64-byte aligned).
+                let block = unsafe { w.as_ptr().add(g * stride + s * BLOCK_BYTES) };
+                // A hint, never dereferenced: past the end it is harmless.
+                _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_BYTES).cast());
+                // SAFETY: as above.
+                let v = unsafe { _mm512_load_si512(block.cast()) };
+                for p in 0..4 {
+                    let codes = _mm512_and_si512(v, fields[p]);
+                    for t in 0..T {
+                        acc[g][t][p] = _mm512_dpbusd_epi32(acc[g][t][p], codes, xb[t]);
                     }
                 }
             }
-            c += 32;
         }
-        for p in 0..P {
+        for g in 0..G {
             for t in 0..T {
-                for (a, &a16) in acc[p][t].iter_mut().zip(&acc16[p][t]) {
-                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(a16, ones));
+                for p in 0..4 {
+                    let dst = dots[g * T + t][16 * p..].as_mut_ptr();
+                    // SAFETY: 16 i32 at 16p of a 64-element row.
+                    unsafe {
+                        let sum = _mm512_add_epi32(
+                            _mm512_loadu_si512(dst.cast()),
+                            unscale512(acc[g][t][p], p),
+                        );
+                        _mm512_storeu_si512(dst.cast(), sum);
+                    }
                 }
             }
         }
+        s0 = end;
     }
-    for p in 0..P {
+}
+
+/// Divides the sums of bit field `p` (read in place, so `4^p` times the code) by `4^p`:
+/// they are exact multiples, so the arithmetic shift is exact.
+#[inline(always)]
+fn unscale512(v: __m512i, p: usize) -> __m512i {
+    // SAFETY: only inlined into functions that enable AVX-512F.
+    unsafe {
+        match p {
+            0 => v,
+            1 => _mm512_srai_epi32::<2>(v),
+            2 => _mm512_srai_epi32::<4>(v),
+            _ => _mm512_srai_epi32::<6>(v),
+        }
+    }
+}
+
+/// Steps summed in i16 before widening: a `vpmaddubsw` pair is at most 2·8·128 = 2048 in
+/// magnitude (field 1 read in place is 4 × code ≤ 8), and 15 · 2048 < 2¹⁵.
+const I16_STEPS: usize = 15;
+
+/// BitLinear on one tile with AVX2: `nt == 1` takes both 32-byte halves of each block in one
+/// pass; `nt == 2` runs twice, one half (rows `16p + 8h + lane`) per pass, so that its 8
+/// accumulators fit the 16 ymm registers. `dots` is `[nt]`.
+///
+/// # Safety
+/// The CPU must support AVX2; `w` is one tile (`[steps · 64]`, 64-byte aligned), `x` is
+/// `[nt, kp]`, `kp ≥ 4 · steps`, `nt ≤ 2`, `dots.len() == nt`.
+pub(super) unsafe fn tile_avx2(
+    w: &[u8],
+    steps: usize,
+    x: &[i8],
+    kp: usize,
+    nt: usize,
+    dots: &mut [[i32; TILE_ROWS]],
+) {
+    // SAFETY: the features and shapes are the caller's contract.
+    unsafe {
+        if nt == 1 {
+            avx2::<2, 1>(w, steps, 0, x, kp, dots)
+        } else {
+            avx2::<1, 2>(w, steps, 0, x, kp, dots);
+            avx2::<1, 2>(w, steps, 1, x, kp, dots);
+        }
+    }
+}
+
+/// Halves `h0..h0 + H` of every block of one tile against `T` tokens. The bit fields come from
+/// `v` and `v >> 4` masked with 0x03 and 0x0c: fields 1 and 3 read as 4 × code.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2<const H: usize, const T: usize>(
+    w: &[u8],
+    steps: usize,
+    h0: usize,
+    x: &[i8],
+    kp: usize,
+    dots: &mut [[i32; TILE_ROWS]],
+) {
+    debug_assert!(w.len() == steps * BLOCK_BYTES && x.len() == T * kp && kp >= 4 * steps);
+    debug_assert!(dots.len() == T && h0 + H <= 2 && w.as_ptr().align_offset(64) == 0);
+    let (lo, hi, ones) = (
+        _mm256_set1_epi8(0x03),
+        _mm256_set1_epi8(0x0c),
+        _mm256_set1_epi16(1),
+    );
+    let mut acc = [[[_mm256_setzero_si256(); 4]; T]; H];
+    let mut s0 = 0;
+    while s0 < steps {
+        let end = steps.min(s0 + I16_STEPS);
+        let mut acc16 = [[[_mm256_setzero_si256(); 4]; T]; H];
+        for s in s0..end {
+            let mut xb = [_mm256_setzero_si256(); T];
+            for t in 0..T {
+                // SAFETY: 4s + 4 ≤ 4·steps ≤ kp.
+                xb[t] = _mm256_set1_epi32(unsafe { broadcast4(x, t, kp, s) });
+            }
+            // SAFETY: s < steps, so the block is inside `w` (`[steps · 64]`, 64-byte aligned).
+            let block = unsafe { w.as_ptr().add(s * BLOCK_BYTES) };
+            // A hint, never dereferenced: past the end it is harmless.
+            _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_BYTES).cast());
+            for h in 0..H {
+                // SAFETY: bytes 32(h0 + h) .. + 32 of the block (h0 + h < 2), 32-byte aligned.
+                let v = unsafe { _mm256_load_si256(block.add(32 * (h0 + h)).cast()) };
+                let v4 = _mm256_srli_epi16::<4>(v);
+                let fields = [
+                    _mm256_and_si256(v, lo),
+                    _mm256_and_si256(v, hi),
+                    _mm256_and_si256(v4, lo),
+                    _mm256_and_si256(v4, hi),
+                ];
+                for t in 0..T {
+                    for p in 0..4 {
+                        let pairs = _mm256_maddubs_epi16(fields[p], xb[t]);
+                        acc16[h][t][p] = _mm256_add_epi16(acc16[h][t][p], pairs);
+                    }
+                }
+            }
+        }
+        for h in 0..H {
+            for t in 0..T {
+                for p in 0..4 {
+                    let wide = _mm256_madd_epi16(acc16[h][t][p], ones);
+                    acc[h][t][p] = _mm256_add_epi32(acc[h][t][p], wide);
+                }
+            }
+        }
+        s0 = end;
+    }
+    for h in 0..H {
         for t in 0..T {
-            let [a, b, c, d] = acc[p][t];
-            let s = hsum4_256(a, b, c, d);
-            // SAFETY: `dots[p·T + t]` is 16 writable bytes.
-            unsafe { _mm_storeu_si128(dots[p * T + t].as_mut_ptr().cast(), s) };
+            for p in 0..4 {
+                let v = acc[h][t][p];
+                let v = if p % 2 == 1 {
+                    _mm256_srai_epi32::<2>(v)
+                } else {
+                    v
+                };
+                let dst = dots[t][16 * p + 8 * (h0 + h)..].as_mut_ptr();
+                // SAFETY: 8 i32 at 16p + 8h of a 64-element row.
+                unsafe { _mm256_storeu_si256(dst.cast(), v) };
+            }
         }
     }
 }
@@ -221,7 +249,7 @@ unsafe fn avx2<const P: usize, const T: usize>(
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn head_avx2(task: super::head::Task) {
+pub(super) unsafe fn head_avx2<W: HeadWeight>(task: Task<W>) {
     task.run::<2, true>()
 }
 
@@ -230,11 +258,11 @@ pub(super) unsafe fn head_avx2(task: super::head::Task) {
 /// # Safety
 /// The CPU must support AVX-512F and FMA.
 #[target_feature(enable = "avx512f,fma")]
-pub(super) unsafe fn head_avx512(task: super::head::Task) {
+pub(super) unsafe fn head_avx512<W: HeadWeight>(task: Task<W>) {
     // SAFETY: AVX-512F and FMA are enabled here, as the caller guarantees.
     task.run_with::<8>(
-        |w, xs| unsafe { super::head::dot_rows_avx512::<8>(w, xs) },
-        |w, xs| unsafe { super::head::dot_rows_avx512::<1>(w, xs) },
+        |w, xs| unsafe { W::dots_avx512::<8>(w, xs) },
+        |w, xs| unsafe { W::dots_avx512::<1>(w, xs) },
     )
 }
 
