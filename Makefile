@@ -1,7 +1,7 @@
 # candle-bitnet — the commands a developer and CI need.
 CARGO ?= cargo
 
-.PHONY: build test lint fmt bench clean build-cuda test-cuda bench-cuda
+.PHONY: build test lint fmt bench bench-serve clean build-cuda test-cuda bench-cuda
 
 build:
 	$(CARGO) build --release
@@ -41,6 +41,11 @@ test-cuda: build-cuda
 # (docs/benchmarks.md); under 10 minutes on 2 CPU cores.
 bench:
 	$(CARGO) run --release -- bench --preset 2b-4t --json target/bench-cpu.json
+
+# `bitnet serve` over HTTP on a synthetic 2B-4T checkpoint (written once under target/):
+# aggregate tokens/s and time to first token at 1, 4, 16 and 64 concurrent streaming clients.
+bench-serve:
+	$(CARGO) bench --bench serve -- --json target/bench-serve.json
 
 bench-cuda:
 	$(call CUDA_CARGO,run --release --features cuda -- bench --preset 2b-4t --device 0 --json target/bench-cuda.json)

@@ -13,6 +13,9 @@ use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[cfg(feature = "server")]
+mod serve;
+
 #[derive(Parser)]
 #[command(name = "bitnet", version, about = "BitNet b1.58 inference on candle")]
 struct Cli {
@@ -26,6 +29,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Chat interactively; the KV cache is kept across turns. `/reset` starts over, `/exit` quits.
     Chat(ChatArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming).
+    #[cfg(feature = "server")]
+    Serve(serve::ServeArgs),
     /// Benchmark a synthetic model at real shapes (no download) against its dense baseline.
     Bench {
         /// Shape preset (2b-4t, large, 8b) or a config.json path.
@@ -223,6 +229,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Chat(args) => chat(args),
+        #[cfg(feature = "server")]
+        Command::Serve(args) => serve::run(args),
         Command::Bench {
             preset,
             cpu,
