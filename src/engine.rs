@@ -27,6 +27,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
+/// Prompt tokens fed per step by default; prompts are cut at multiples of it.
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+
 /// At most this many alternatives per token with [`Request::logprobs`].
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
@@ -210,7 +213,7 @@ impl EngineOptions {
             max_batch: 16,
             max_queue: 64,
             kv_budget_tokens: 16 * context,
-            prefill_chunk: 256,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         }
     }
 }
@@ -328,14 +331,16 @@ impl<S: FnMut(Event) -> bool> Sequence<S> {
     }
 }
 
-/// One step over `seqs`: decodes first, then prompt chunks from `prefill_budget` tokens.
+/// One step over `seqs`: decodes first, then prompt chunks of at most `prefill_budget` tokens
+/// in all, each ending at a multiple of `prefill_budget`.
 /// Returns the number of rows run.
 fn step_sequences<S: FnMut(Event) -> bool>(
     model: &BitnetModel,
     seqs: &mut [Sequence<S>],
     prefill_budget: usize,
 ) -> Result<usize> {
-    let mut budget = prefill_budget.max(1);
+    let chunk = prefill_budget.max(1);
+    let mut budget = chunk;
     // (index, ids, logits) of each participating sequence.
     let mut plan: Vec<(usize, Vec<u32>, Logits)> = vec![];
     for (i, s) in seqs.iter().enumerate() {
@@ -347,8 +352,13 @@ fn step_sequences<S: FnMut(Event) -> bool>(
         if s.finished.is_some() || !s.prefilling() || budget == 0 {
             continue;
         }
+        // Chunks end at multiples of the chunk size whatever else runs, so a prompt is cut
+        // (and its logits rounded) the same way in any batch.
         let start = s.cache.len();
-        let end = s.prompt_len().min(start.saturating_add(budget));
+        let end = s.prompt_len().min((start / chunk + 1).saturating_mul(chunk));
+        if end - start > budget {
+            continue;
+        }
         budget -= end - start;
         let logits = if s.prompt_logits.is_some() {
             Logits::All
@@ -444,7 +454,7 @@ pub(crate) fn run_single(
     let start = Instant::now();
     let mut seqs = [seq];
     while seqs[0].finished.is_none() {
-        step_sequences(model, &mut seqs, usize::MAX)?;
+        step_sequences(model, &mut seqs, DEFAULT_PREFILL_CHUNK)?;
     }
     let [seq] = seqs;
     let first = seq.first_token_at.unwrap_or_else(Instant::now);
