@@ -355,7 +355,9 @@ fn step_sequences<S: FnMut(Event) -> bool>(
         // Chunks end at multiples of the chunk size whatever else runs, so a prompt is cut
         // (and its logits rounded) the same way in any batch.
         let start = s.cache.len();
-        let end = s.prompt_len().min((start / chunk + 1).saturating_mul(chunk));
+        let end = s
+            .prompt_len()
+            .min((start / chunk + 1).saturating_mul(chunk));
         if end - start > budget {
             continue;
         }

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::norm::RmsNorm;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Activation, Embedding, Init, VarBuilder};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// KV-cache capacity is allocated in steps of this many positions.
@@ -174,9 +175,10 @@ impl Attention {
         let q = self.q_proj.forward(x)?;
         let k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
+        // Sequences attend in parallel: each is a chain of small ops on its own cache.
         let ys = seqs
-            .iter()
-            .zip(caches.iter_mut())
+            .par_iter()
+            .zip(caches.par_iter_mut())
             .map(|(s, cache)| {
                 let rows = |t: &Tensor, heads: usize| -> Result<Tensor> {
                     // (1, t, heads·hd) → (1, heads, t, hd)

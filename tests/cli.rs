@@ -336,7 +336,10 @@ fn device_without_cuda_is_an_error() -> Result<()> {
         &fixture(),
     ))?;
     if candle_core::utils::cuda_is_available() {
-        assert!(err.starts_with("error: CUDA device 0 is not available"), "{err}");
+        assert!(
+            err.starts_with("error: CUDA device 0 is not available"),
+            "{err}"
+        );
     } else {
         assert_eq!(
             err.trim_end(),

@@ -5,10 +5,14 @@
 //! The kernel choice and the raw accumulators are test plumbing, public with the `testing`
 //! feature only.
 
-use super::{contiguous, from_f32, to_f32, BitLinearOp};
+#[cfg(any(feature = "cuda", feature = "testing"))]
+use super::BitLinearOp;
+use super::{contiguous, from_f32, to_f32};
 use crate::quant::{quantize_activations as quantize_row, unpack_ternary};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+#[cfg(any(feature = "cuda", feature = "testing"))]
+use candle_core::CustomOp2;
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 #[cfg(any(feature = "cuda", feature = "testing"))]
 /// Which BitLinear kernel runs on CUDA; the CPU ignores it.
