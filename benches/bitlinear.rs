@@ -265,12 +265,38 @@ fn bench_head(dev: &Device, stream: &StreamRead) -> Result<()> {
         .collect::<Result<_>>()?;
     let w_raw: Vec<Vec<half::bf16>> = (0..copies(bf16_bytes)).map(|_| w_raw.clone()).collect();
     let mut y = vec![0f32; VOCAB];
+    let mut one_row = Vec::new();
     for &kernel in Kernel::available() {
         let secs = median_secs(|i| {
             let w = &w_raw[i % w_raw.len()];
             matmul_bf16(kernel, &x_vec, w, HIDDEN, &mut y)
         })?;
         kernel_line(&format!("{kernel:?}"), secs, None, bf16_bytes, stream);
+        one_row.push(secs);
+    }
+    // Batched decode: the weights are read once for all rows, so time should grow far slower
+    // than the rows (the last column: time ÷ the same kernel's one-row time).
+    for n in [4, 16] {
+        println!("LM head {HIDDEN} → {VOCAB}, {n} rows");
+        let xs = floats(n * HIDDEN, 9 + n as u64, 2.0);
+        let mut y = vec![0f32; n * VOCAB];
+        for (&kernel, &one) in Kernel::available().iter().zip(&one_row) {
+            if kernel == Kernel::Portable {
+                continue;
+            }
+            let secs = median_secs(|i| {
+                let w = &w_raw[i % w_raw.len()];
+                matmul_bf16(kernel, &xs, w, HIDDEN, &mut y)
+            })?;
+            line(
+                &format!("{kernel:?}"),
+                secs,
+                bf16_bytes,
+                n as f64 * ops,
+                None,
+            );
+            println!("  {:<22} {:>10.2}x one row's time", "", secs / one);
+        }
     }
     drop(w_raw);
     let int8_bytes = int8[0].bytes();

@@ -8,6 +8,7 @@
 //! is `bandwidth ÷ bytes per token`; the report prints decode as a fraction of that ceiling.
 
 use crate::model::{BitnetModel, KvCache, Logits, SeqInput};
+use crate::profile::{self, Stage};
 use crate::synthetic;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -59,6 +60,61 @@ pub struct BatchDecode {
     pub per_sequence_tokens_per_s: f64,
     /// Bytes allocated by the batch's KV caches at the end.
     pub kv_cache_bytes: usize,
+    pub step_profile: StepProfile,
+}
+
+/// Where the time of one decode step goes, averaged over the timed steps.
+#[derive(Debug, Clone)]
+pub struct StepProfile {
+    pub step: Duration,
+    /// In [`Stage::ALL`] order.
+    pub stages: [Duration; 4],
+}
+
+impl StepProfile {
+    /// Times `steps` calls of `step`, by stage.
+    fn measure(steps: usize, mut step: impl FnMut() -> Result<()>) -> Result<Self> {
+        profile::take();
+        profile::enable(true);
+        let start = Instant::now();
+        let ran = (0..steps).try_for_each(|_| step());
+        let elapsed = start.elapsed();
+        profile::enable(false);
+        ran?;
+        let n = steps.max(1) as u32;
+        Ok(Self {
+            step: elapsed / n,
+            stages: profile::take().map(|d| d / n),
+        })
+    }
+
+    /// What no stage accounts for: embedding, residual adds, relu²·up, sampling, gaps.
+    pub fn other(&self) -> Duration {
+        self.step.saturating_sub(self.stages.iter().sum())
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mut map: serde_json::Map<String, serde_json::Value> = Stage::ALL
+            .iter()
+            .zip(self.stages)
+            .map(|(s, d)| (s.name().to_string(), ms(d).into()))
+            .collect();
+        map.insert("other".into(), ms(self.other()).into());
+        map.insert("step".into(), ms(self.step).into());
+        map.into()
+    }
+
+    fn row(&self, label: &str) -> String {
+        let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
+        let stages: Vec<String> = self.stages.iter().map(|&d| ms(d)).collect();
+        format!(
+            "| {label} | {} | {} | {} |\n",
+            stages.join(" | "),
+            ms(self.other()),
+            ms(self.step)
+        )
+    }
 }
 
 /// Throughput and traffic of one model.
@@ -67,6 +123,7 @@ pub struct Throughput {
     /// Prompt length → prefill tokens/s.
     pub prefill_tokens_per_s: BTreeMap<usize, f64>,
     pub decode_tokens_per_s: f64,
+    pub decode_profile: StepProfile,
     /// Bytes of all weights held in memory (projections, embedding, head, norms).
     pub weight_bytes: usize,
     /// Bytes of weights one decode step reads: projections, head, norms, one embedding row.
@@ -267,17 +324,18 @@ fn measure(
 
     // The cache now holds the shortest prompt.
     bar.set_message(format!("{label}: decode"));
-    let start = Instant::now();
-    for _ in 0..opts.decode_tokens {
+    let decode_profile = StepProfile::measure(opts.decode_tokens, || {
         token = next_token(&model.forward(&[token], &mut cache, Logits::Last)?)?;
         bar.inc(1);
-    }
-    let decode_tokens_per_s = opts.decode_tokens as f64 / start.elapsed().as_secs_f64();
+        Ok(())
+    })?;
+    let decode_tokens_per_s = 1.0 / decode_profile.step.as_secs_f64();
 
     let linear_bytes: usize = model.bitlinears().iter().map(|l| l.weight_bytes()).sum();
     Ok(Throughput {
         prefill_tokens_per_s,
         decode_tokens_per_s,
+        decode_profile,
         weight_bytes: linear_bytes + float_bytes.held,
         bytes_per_decoded_token: linear_bytes + float_bytes.read_per_token,
     })
@@ -318,17 +376,17 @@ fn measure_batch(
     };
     let mut tokens = step(&prompts, &mut caches)?;
     bar.set_message(format!("batch {batch}: decode"));
-    let start = Instant::now();
-    for _ in 0..opts.batch_steps {
+    let step_profile = StepProfile::measure(opts.batch_steps, || {
         tokens = step(&tokens, &mut caches)?;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let per_sequence_tokens_per_s = opts.batch_steps as f64 / secs;
+        Ok(())
+    })?;
+    let per_sequence_tokens_per_s = 1.0 / step_profile.step.as_secs_f64();
     Ok(BatchDecode {
         batch,
         aggregate_tokens_per_s: batch as f64 * per_sequence_tokens_per_s,
         per_sequence_tokens_per_s,
         kv_cache_bytes: caches.iter().map(KvCache::bytes).sum(),
+        step_profile,
     })
 }
 
@@ -417,6 +475,7 @@ impl BenchReport {
             "parameter_count": self.parameter_count,
             "decode_tokens": self.decode_tokens,
             "decode_tokens_per_s": self.ternary.decode_tokens_per_s,
+            "decode_profile_ms": self.ternary.decode_profile.to_json(),
             "dense_decode_tokens_per_s": dense.map(|d| d.decode_tokens_per_s),
             "prefill_tokens_per_s": by_len(&self.ternary),
             "dense_prefill_tokens_per_s": dense.map(by_len),
@@ -436,6 +495,7 @@ impl BenchReport {
                 "aggregate_tokens_per_s": b.aggregate_tokens_per_s,
                 "per_sequence_tokens_per_s": b.per_sequence_tokens_per_s,
                 "kv_cache_bytes": b.kv_cache_bytes,
+                "step_profile_ms": b.step_profile.to_json(),
             })).collect::<Vec<_>>(),
         })
     }
@@ -518,6 +578,11 @@ impl BenchReport {
             rss(self.peak_rss_with_dense_bytes),
             self.decode_tokens,
         );
+        out += "\n| where a decode step goes (ms) | projections | attention | norms | head | other | step |\n|---|---:|---:|---:|---:|---:|---:|\n";
+        out += &self.ternary.decode_profile.row("batch 1, ternary");
+        for b in &self.batch_decode {
+            out += &b.step_profile.row(&format!("batch {} step", b.batch));
+        }
         if !self.batch_decode.is_empty() {
             out += "\n| batch | aggregate decode (tok/s) | per sequence (tok/s) | × batch 1 | KV caches |\n|---:|---:|---:|---:|---:|\n";
             let base = self.batch_decode[0].aggregate_tokens_per_s;

@@ -178,6 +178,12 @@ fn fake_quantize(x: &Tensor) -> Result<Tensor> {
 impl Module for BitLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
+        crate::profile::timed(crate::profile::Stage::Projections, || self.project(x))
+    }
+}
+
+impl BitLinear {
+    fn project(&self, x: &Tensor) -> Result<Tensor> {
         let normed;
         let x = match &self.input_norm {
             Some(norm) => {

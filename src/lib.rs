@@ -17,6 +17,7 @@
 //!   small JSON files, read with a size limit; [`tokenizer`]: `tokenizer.json` loaded and run
 //!   with guards; [`template`]: chat templates rendered within limits;
 //!   [`generation_config`]: the model's sampling defaults.
+//! - [`profile`]: wall time per stage of the forward pass (`bitnet bench`'s profile).
 //! - [`output`]: writing files a caller names without replacing devices or links;
 //!   [`escape`]: strings from files made safe for one error line.
 //! - [`hub`]: model files from a directory or the Hugging Face hub cache; [`device`]: device
@@ -40,6 +41,7 @@ pub mod model;
 pub mod norm;
 pub mod ops;
 pub mod output;
+pub mod profile;
 pub mod quant;
 #[cfg(feature = "bench")]
 pub mod synthetic;

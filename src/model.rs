@@ -9,6 +9,7 @@
 use crate::bitlinear::BitLinear;
 use crate::config::Config;
 use crate::norm::RmsNorm;
+use crate::profile::{timed, Stage};
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Activation, Embedding, Init, VarBuilder};
 use rayon::prelude::*;
@@ -176,32 +177,33 @@ impl Attention {
         let k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
         // Sequences attend in parallel: each is a chain of small ops on its own cache.
-        let ys = seqs
-            .par_iter()
-            .zip(caches.par_iter_mut())
-            .map(|(s, cache)| {
-                let rows = |t: &Tensor, heads: usize| -> Result<Tensor> {
-                    // (1, t, heads·hd) → (1, heads, t, hd)
-                    t.narrow(1, s.start, s.len)?
-                        .reshape((1, s.len, heads, self.head_dim))?
-                        .transpose(1, 2)
-                };
-                let (q, k) = self.rotary.apply(
-                    &rows(&q, self.num_heads)?,
-                    &rows(&k, self.num_kv_heads)?,
-                    s.offset,
-                )?;
-                let v = rows(&v, self.num_kv_heads)?.contiguous()?;
-                let (k, v) = cache.append(layer, &k.contiguous()?, &v)?;
-                self.attend(&q, &k, &v, s)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let ys = timed(Stage::Attention, || {
+            seqs.par_iter()
+                .zip(caches.par_iter_mut())
+                .map(|(s, cache)| {
+                    let rows = |t: &Tensor, heads: usize| -> Result<Tensor> {
+                        // (1, t, heads·hd) → (1, heads, t, hd)
+                        t.narrow(1, s.start, s.len)?
+                            .reshape((1, s.len, heads, self.head_dim))?
+                            .transpose(1, 2)
+                    };
+                    let (q, k) = self.rotary.apply(
+                        &rows(&q, self.num_heads)?,
+                        &rows(&k, self.num_kv_heads)?,
+                        s.offset,
+                    )?;
+                    let v = rows(&v, self.num_kv_heads)?.contiguous()?;
+                    let (k, v) = cache.append(layer, &k.contiguous()?, &v)?;
+                    self.attend(&q, &k, &v, s)
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
         let y = match ys.as_slice() {
             [y] => y.clone(),
             _ => Tensor::cat(&ys, 1)?,
         };
         let y = match &self.attn_sub_norm {
-            Some(norm) => norm.forward(&y)?,
+            Some(norm) => timed(Stage::Norms, || norm.forward(&y))?,
             None => y,
         };
         self.o_proj.forward(&y)
@@ -274,7 +276,7 @@ impl Module for Mlp {
         let gate = self.gate_proj.forward(x)?.apply(&self.act)?;
         let y = (gate * self.up_proj.forward(x)?)?;
         let y = match &self.ffn_sub_norm {
-            Some(norm) => norm.forward(&y)?,
+            Some(norm) => timed(Stage::Norms, || norm.forward(&y))?,
             None => y,
         };
         self.down_proj.forward(&y)
@@ -309,11 +311,11 @@ impl DecoderLayer {
     ) -> Result<Tensor> {
         let h = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, seqs, caches, layer)?;
+            .forward(&norm(&self.input_layernorm, x)?, seqs, caches, layer)?;
         let x = (x + h)?;
         let h = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+            .forward(&norm(&self.post_attention_layernorm, &x)?)?;
         x + h
     }
 }
@@ -516,7 +518,8 @@ impl BitnetModel {
         } else {
             x.index_select(&Tensor::from_vec(picked, n_picked, &self.device)?, 0)?
         };
-        let logits = self.project_to_vocab(&self.norm.forward(&x)?)?; // (n_picked, vocab)
+        let x = norm(&self.norm, &x)?;
+        let logits = timed(Stage::Head, || self.project_to_vocab(&x))?; // (n_picked, vocab)
         let mut at = 0;
         seqs.iter()
             .zip(&rows)
@@ -647,6 +650,10 @@ impl BitnetForCausalLM {
         }
         Tensor::stack(&out, 0)
     }
+}
+
+fn norm(norm: &RmsNorm, x: &Tensor) -> Result<Tensor> {
+    timed(Stage::Norms, || norm.forward(x))
 }
 
 /// Additive mask `(seq, offset + seq)`: position `i` sees keys `0..=offset + i`.

@@ -263,7 +263,7 @@ fn run_tasks<W: HeadWeight>(
         match kernel {
             // SAFETY (both arms): `kernel` is available (checked by the callers).
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { super::x86::head_avx512(task) },
+            Kernel::Avx512Vnni => unsafe { W::run_avx512(task) },
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { super::x86::head_avx2(task) },
             _ => task.run::<1, false>(),
@@ -275,12 +275,12 @@ fn run_tasks<W: HeadWeight>(
 pub(super) trait HeadWeight: Copy + Send + Sync {
     fn widen(self) -> f32;
 
-    /// [`dot_rows`] with FMA, as fast as AVX-512 makes it for this element type.
+    /// [`Task::run`] with FMA, as fast as AVX-512 makes it for this element type.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F and FMA; `xs` holds `T` rows of `w.len()`.
+    /// The CPU must support AVX-512F and FMA.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dots_avx512<const T: usize>(w: &[Self], xs: &[f32]) -> [f32; T];
+    unsafe fn run_avx512(task: Task<Self>);
 }
 
 impl HeadWeight for bf16 {
@@ -291,9 +291,9 @@ impl HeadWeight for bf16 {
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dots_avx512<const T: usize>(w: &[Self], xs: &[f32]) -> [f32; T] {
+    unsafe fn run_avx512(task: Task<Self>) {
         // SAFETY: the caller's guarantees are this function's.
-        unsafe { dot_rows_bf16_avx512::<T>(w, xs) }
+        unsafe { run_bf16_avx512(&task) }
     }
 }
 
@@ -303,11 +303,11 @@ impl HeadWeight for i8 {
         self as f32
     }
 
-    /// The opt-in int8 head keeps the portable loop, inlined into the caller's AVX-512 build.
+    /// The opt-in int8 head keeps the portable loop, compiled for AVX-512.
     #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn dots_avx512<const T: usize>(w: &[Self], xs: &[f32]) -> [f32; T] {
-        dot_rows::<T, true, i8>(w, xs)
+    unsafe fn run_avx512(task: Task<Self>) {
+        // SAFETY: the caller's guarantees are this function's.
+        unsafe { super::x86::head_avx512(task) }
     }
 }
 
@@ -397,7 +397,10 @@ impl<W: HeadWeight> Task<'_, W> {
 /// accumulate in the same order whatever `T` is, so a token's result does not depend on the
 /// others.
 #[inline(always)]
-fn dot_rows<const T: usize, const FMA: bool, W: HeadWeight>(w: &[W], xs: &[f32]) -> [f32; T] {
+pub(super) fn dot_rows<const T: usize, const FMA: bool, W: HeadWeight>(
+    w: &[W],
+    xs: &[f32],
+) -> [f32; T] {
     let h = w.len();
     let mut acc = [[0f32; LANES]; T];
     let (w_chunks, w_tail) = w.as_chunks::<LANES>();
@@ -433,48 +436,147 @@ fn dot_rows<const T: usize, const FMA: bool, W: HeadWeight>(w: &[W], xs: &[f32])
     dots
 }
 
-/// [`dot_rows`] for bf16 with FMA in AVX-512 registers: each token's 32 lanes are two zmm
-/// accumulators holding exactly the lanes of the portable code, so the results are the same
-/// bits. (The compiler scalarizes the portable loop for `T > 1`.)
+/// The bf16 head with AVX-512 intrinsics, register-blocked: two vocabulary rows times four
+/// tokens (16 zmm accumulators) per pass over `hidden`, so each weight vector is widened once
+/// for four tokens and each token vector serves two rows. A 64-byte load holds 32 bf16; a shift
+/// and a mask widen its even and odd elements, and the tokens are stored the same way
+/// (deinterleaved per 32), so every accumulator lane sums exactly the products of the portable
+/// lane it stands for, in the same order: the results are [`dot_rows`]'s bits with FMA.
 ///
 /// # Safety
-/// The CPU must support AVX-512F and FMA; `xs` holds `T` rows of `w.len()`.
+/// The CPU must support AVX-512F and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn dot_rows_bf16_avx512<const T: usize>(w: &[bf16], xs: &[f32]) -> [f32; T] {
-    use std::arch::x86_64::*;
-    let h = w.len();
-    let chunks = h / LANES;
-    let full = chunks * LANES;
-    let mut acc = [[_mm512_setzero_ps(); 2]; T];
-    let (wp, xp) = (w.as_ptr() as *const u16, xs.as_ptr());
-    for c in 0..chunks {
-        let mut wf = [_mm512_setzero_ps(); 2];
-        for (half, wf) in wf.iter_mut().enumerate() {
-            // SAFETY: c·LANES + half·16 + 16 ≤ full ≤ h elements of `w`.
-            let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                wp.add(c * LANES + half * 16) as *const __m256i
-            ));
-            *wf = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits));
-        }
-        for (t, acc) in acc.iter_mut().enumerate() {
-            for half in 0..2 {
-                // SAFETY: t < T rows of h, and the offset is inside the row's full chunks.
-                let x = _mm512_loadu_ps(xp.add(t * h + c * LANES + half * 16));
-                acc[half] = _mm512_fmadd_ps(wf[half], x, acc[half]);
+unsafe fn run_bf16_avx512(task: &Task<bf16>) {
+    let h = task.hidden;
+    let full = h / LANES * LANES;
+    let n = task.x.len() / h;
+    let rows = task.w.len() / h;
+    // Token rows with each 32-wide chunk as [even elements, odd elements]; tails as they are.
+    let mut xd = task.x.to_vec();
+    for (xd, x) in xd.chunks_exact_mut(h).zip(task.x.chunks_exact(h)) {
+        for (d, c) in xd[..full]
+            .chunks_exact_mut(LANES)
+            .zip(x[..full].chunks_exact(LANES))
+        {
+            for j in 0..LANES / 2 {
+                d[j] = c[2 * j];
+                d[LANES / 2 + j] = c[2 * j + 1];
             }
         }
     }
-    let mut dots = [0f32; T];
-    for (t, (d, acc)) in dots.iter_mut().zip(&acc).enumerate() {
-        let mut lanes = [0f32; LANES];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[0]);
-        _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[1]);
-        let tail = w[full..]
-            .iter()
-            .zip(&xs[t * h + full..(t + 1) * h])
-            .map(|(&w, &x)| w.widen() * x);
-        *d = lanes.iter().copied().chain(tail).sum();
+    let xs = BlockInput {
+        xd: &xd,
+        x: task.x,
+        h,
+    };
+    for s0 in (0..rows).step_by(L2_ROWS) {
+        let s1 = (s0 + L2_ROWS).min(rows);
+        for t0 in (0..n).step_by(4) {
+            let mut r = s0;
+            while r < s1 {
+                // SAFETY: rows r.. and tokens t0.. exist (counts bounded below), AVX-512F and
+                // FMA are enabled here.
+                r += unsafe {
+                    match ((s1 - r).min(2), (n - t0).min(4)) {
+                        (2, 4) => task.write(r, t0, bf16_block::<2, 4>(task.w, &xs, r, t0)),
+                        (2, 3) => task.write(r, t0, bf16_block::<2, 3>(task.w, &xs, r, t0)),
+                        (2, 2) => task.write(r, t0, bf16_block::<2, 2>(task.w, &xs, r, t0)),
+                        (2, _) => task.write(r, t0, bf16_block::<2, 1>(task.w, &xs, r, t0)),
+                        (_, 4) => task.write(r, t0, bf16_block::<1, 4>(task.w, &xs, r, t0)),
+                        (_, 3) => task.write(r, t0, bf16_block::<1, 3>(task.w, &xs, r, t0)),
+                        (_, 2) => task.write(r, t0, bf16_block::<1, 2>(task.w, &xs, r, t0)),
+                        (_, _) => task.write(r, t0, bf16_block::<1, 1>(task.w, &xs, r, t0)),
+                    }
+                };
+            }
+        }
+    }
+}
+
+/// The tokens of a call, deinterleaved for [`bf16_block`] and as given (for the tails).
+#[cfg(target_arch = "x86_64")]
+struct BlockInput<'a> {
+    xd: &'a [f32],
+    x: &'a [f32],
+    h: usize,
+}
+
+impl<W> Task<'_, W> {
+    /// Stores the dot products of rows `r..r + R` (of this block) with tokens `t0..t0 + T`;
+    /// returns `R`.
+    fn write<const R: usize, const T: usize>(
+        &self,
+        r: usize,
+        t0: usize,
+        dots: [[f32; T]; R],
+    ) -> usize {
+        for (i, dots) in dots.iter().enumerate() {
+            for (t, &d) in dots.iter().enumerate() {
+                // SAFETY: as in `run_slice`: the token and row exist, tasks own disjoint rows.
+                unsafe { self.out.write((t0 + t) * self.vocab + self.v0 + r + i, d) };
+            }
+        }
+        R
+    }
+}
+
+/// Rows `r..r + R` of `w` against tokens `t0..t0 + T`.
+///
+/// # Safety
+/// The CPU must support AVX-512F and FMA; those rows and tokens exist.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+// Indices name the register tile (row i, token t, half) more plainly than zipped iterators.
+#[allow(clippy::needless_range_loop)]
+unsafe fn bf16_block<const R: usize, const T: usize>(
+    w: &[bf16],
+    xs: &BlockInput,
+    r: usize,
+    t0: usize,
+) -> [[f32; T]; R] {
+    use std::arch::x86_64::*;
+    let h = xs.h;
+    let full = h / LANES * LANES;
+    let wp = w.as_ptr().add(r * h) as *const u16;
+    let xp = xs.xd.as_ptr().add(t0 * h);
+    let odd = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    let mut acc = [[[_mm512_setzero_ps(); 2]; T]; R];
+    for c in (0..full).step_by(LANES) {
+        let mut wf = [[_mm512_setzero_ps(); 2]; R];
+        for (i, wf) in wf.iter_mut().enumerate() {
+            // SAFETY: 32 bf16 at c of row r + i, inside its full chunks.
+            let v = _mm512_loadu_si512(wp.add(i * h + c) as *const _);
+            wf[0] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+            wf[1] = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
+        }
+        for t in 0..T {
+            for half in 0..2 {
+                // SAFETY: 16 f32 at c + 16·half of token t0 + t, inside its full chunks.
+                let x = _mm512_loadu_ps(xp.add(t * h + c + half * 16));
+                for i in 0..R {
+                    acc[i][t][half] = _mm512_fmadd_ps(wf[i][half], x, acc[i][t][half]);
+                }
+            }
+        }
+    }
+    let mut dots = [[0f32; T]; R];
+    for i in 0..R {
+        let row = &w[(r + i) * h..(r + i + 1) * h];
+        for t in 0..T {
+            let (mut even, mut odd) = ([0f32; 16], [0f32; 16]);
+            _mm512_storeu_ps(even.as_mut_ptr(), acc[i][t][0]);
+            _mm512_storeu_ps(odd.as_mut_ptr(), acc[i][t][1]);
+            let lanes: [f32; LANES] =
+                std::array::from_fn(|l| if l % 2 == 0 { even[l / 2] } else { odd[l / 2] });
+            let x = &xs.x[(t0 + t) * h..(t0 + t + 1) * h];
+            let tail = row[full..]
+                .iter()
+                .zip(&x[full..])
+                .map(|(&w, &x)| w.widen() * x);
+            dots[i][t] = lanes.iter().copied().chain(tail).sum();
+        }
     }
     dots
 }

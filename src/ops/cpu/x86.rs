@@ -5,7 +5,7 @@
 //! so lane `i` of an accumulator is one output row throughout and nothing is reduced across
 //! lanes.
 
-use super::head::{HeadWeight, Task};
+use super::head::{dot_rows, HeadWeight, Task};
 use super::tiles::{BLOCK_BYTES, TILE_ROWS};
 use std::arch::x86_64::*;
 
@@ -253,16 +253,17 @@ pub(super) unsafe fn head_avx2<W: HeadWeight>(task: Task<W>) {
     task.run::<2, true>()
 }
 
-/// The LM head block with AVX-512F intrinsics: zmm FMA, eight tokens per pass (16 of 32 zmm).
+/// The LM head block compiled for AVX-512F + FMA (the int8 head: the portable loop, eight
+/// tokens per pass).
 ///
 /// # Safety
 /// The CPU must support AVX-512F and FMA.
 #[target_feature(enable = "avx512f,fma")]
 pub(super) unsafe fn head_avx512<W: HeadWeight>(task: Task<W>) {
-    // SAFETY: AVX-512F and FMA are enabled here, as the caller guarantees.
+    // Closures, not the function items: closures inherit this function's target features.
     task.run_with::<8>(
-        |w, xs| unsafe { W::dots_avx512::<8>(w, xs) },
-        |w, xs| unsafe { W::dots_avx512::<1>(w, xs) },
+        |w, xs| dot_rows::<8, true, W>(w, xs),
+        |w, xs| dot_rows::<1, true, W>(w, xs),
     )
 }
 
