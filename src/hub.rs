@@ -1,13 +1,18 @@
 //! Where a model's files come from: a local directory in the hub layout, or a Hugging Face hub
-//! repository through `hf-hub`'s cache (`HF_HOME`, `HF_ENDPOINT`, `HF_TOKEN`, progress bars).
+//! repository through `hf-hub`'s cache (`HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_TOKEN`).
 //!
 //! Files are looked up in the cache first, so a cached model runs without a network. With
-//! `HF_HUB_OFFLINE=1` (as in Python's `huggingface_hub`) the network is never used. A file that
-//! is neither cached nor downloadable is one error line naming the repo, the file and `--model DIR`.
+//! `HF_HUB_OFFLINE=1` (as in Python's `huggingface_hub`) the network is never used, and without
+//! the `download` feature there is no network client at all: the cache is all there is. A file
+//! that is neither cached nor downloadable is one error line naming the repo, the file and
+//! `--model DIR`.
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
+#[cfg(feature = "download")]
+use crate::error::{Error, ErrorKind};
 use crate::fail;
 use crate::weights;
+#[cfg(feature = "download")]
 use hf_hub::api::sync::{ApiBuilder, ApiRepo};
 use hf_hub::{Cache, CacheRepo, Repo, RepoType};
 use std::path::{Path, PathBuf};
@@ -26,13 +31,17 @@ pub struct HubOptions {
     pub endpoint: Option<String>,
     /// `HF_TOKEN`, else the token file `huggingface-cli login` wrote.
     pub token: Option<String>,
-    /// Show download progress bars.
+    /// Show download progress bars (hf-hub's own).
     pub progress: bool,
 }
 
 impl HubOptions {
     pub fn from_env() -> Self {
-        let cache = Cache::from_env();
+        // The token file sits in HF_HOME; the cache there too unless HF_HUB_CACHE moves it.
+        let home = Cache::from_env();
+        let cache_dir = std::env::var_os("HF_HUB_CACHE")
+            .filter(|dir| !dir.is_empty())
+            .map_or_else(|| home.path().clone(), PathBuf::from);
         let flag = std::env::var("HF_HUB_OFFLINE").unwrap_or_default();
         Self {
             offline: matches!(
@@ -40,8 +49,8 @@ impl HubOptions {
                 "1" | "true" | "yes" | "on"
             ),
             endpoint: std::env::var("HF_ENDPOINT").ok(),
-            token: std::env::var("HF_TOKEN").ok().or_else(|| cache.token()),
-            cache_dir: cache.path().clone(),
+            token: std::env::var("HF_TOKEN").ok().or_else(|| home.token()),
+            cache_dir,
             progress: true,
         }
     }
@@ -149,7 +158,9 @@ struct Hub {
     revision: String,
     cache_dir: PathBuf,
     cache: CacheRepo,
+    offline: bool,
     /// `None` when offline.
+    #[cfg(feature = "download")]
     api: Option<ApiRepo>,
 }
 
@@ -157,27 +168,32 @@ impl Hub {
     fn new(repo_id: &str, revision: &str, opts: &HubOptions) -> Result<Self> {
         let repo = Repo::with_revision(repo_id.into(), RepoType::Model, revision.into());
         let cache = Cache::new(opts.cache_dir.clone());
-        let api = if opts.offline {
-            None
-        } else {
-            let mut builder = ApiBuilder::from_cache(cache.clone())
-                .with_progress(opts.progress)
-                .with_token(opts.token.clone());
-            if let Some(endpoint) = &opts.endpoint {
-                builder = builder.with_endpoint(endpoint.clone());
-            }
-            let api = builder.build().map_err(|e| {
-                Error::new(ErrorKind::Io, format!("cannot set up the hub client: {e}"))
-            })?;
-            Some(api.repo(repo.clone()))
-        };
         Ok(Self {
             repo_id: repo_id.into(),
             revision: revision.into(),
             cache_dir: opts.cache_dir.clone(),
+            offline: opts.offline,
+            #[cfg(feature = "download")]
+            api: Self::api(&cache, &repo, opts)?,
             cache: cache.repo(repo),
-            api,
         })
+    }
+
+    #[cfg(feature = "download")]
+    fn api(cache: &Cache, repo: &Repo, opts: &HubOptions) -> Result<Option<ApiRepo>> {
+        if opts.offline {
+            return Ok(None);
+        }
+        let mut builder = ApiBuilder::from_cache(cache.clone())
+            .with_progress(opts.progress)
+            .with_token(opts.token.clone());
+        if let Some(endpoint) = &opts.endpoint {
+            builder = builder.with_endpoint(endpoint.clone());
+        }
+        let api = builder
+            .build()
+            .map_err(|e| Error::new(ErrorKind::Io, format!("cannot set up the hub client: {e}")))?;
+        Ok(Some(api.repo(repo.clone())))
     }
 
     /// The cached snapshot file for the revision: through `refs/<revision>`, or directly when
@@ -202,17 +218,24 @@ impl Hub {
             format!(" at revision {}", self.revision)
         };
         let fix = "or pass --model DIR with a local directory holding config.json, tokenizer.json and the safetensors";
-        match &self.api {
-            None => fail!(
+        if self.offline {
+            fail!(
                 Io,
                 "{repo}{at}: {file} is not in the hf-hub cache {cache} and HF_HUB_OFFLINE is set; download it while online, {fix}"
-            ),
-            Some(api) => api.download(file).map_err(|e| {
+            )
+        }
+        #[cfg(feature = "download")]
+        if let Some(api) = &self.api {
+            return api.download(file).map_err(|e| {
                 Error::new(ErrorKind::Io, format!(
                     "{repo}{at}: {file} is not in the hf-hub cache {cache} and downloading it failed ({e}); check the id and the network, {fix}"
                 ))
-            }),
+            });
         }
+        fail!(
+            Io,
+            "{repo}{at}: {file} is not in the hf-hub cache {cache} and this build cannot download (candle-bitnet without its `download` feature); fetch it with `huggingface-cli download {repo}`, {fix}"
+        )
     }
 }
 

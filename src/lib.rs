@@ -20,7 +20,8 @@
 //! - [`profile`]: wall time per stage of the forward pass (`bitnet bench`'s profile).
 //! - [`output`]: writing files a caller names without replacing devices or links;
 //!   [`escape`]: strings from files made safe for one error line.
-//! - [`hub`]: model files from a directory or the Hugging Face hub cache; [`device`]: device
+//! - [`hub`]: model files from a directory or the Hugging Face hub cache (downloads with the
+//!   `download` feature, on by default through `cli`); [`device`]: device
 //!   and compute dtype; [`generate`]: tokenizer, chat template, sampling, streaming ([`Generator`]).
 //! - With the `bench` feature (on by default through `cli`): `synthetic`, seeded random models
 //!   at real shapes, and `bench`, the end-to-end benchmark behind `bitnet bench`.

@@ -1,9 +1,11 @@
-//! The CUDA kernels against the CPU op, and the model on the GPU against the fixture.
+//! The CUDA kernels against the reference (BitLinear, through the shared harness) and the CPU
+//! ops (the rest), and the model on the GPU against the fixture.
 //!
 //! Every test prints "SKIPPED: <test>: <why>" (uncaptured, so it shows) and passes when the
-//! build lacks the `cuda` feature or no GPU can be opened. With a GPU: fresh random inputs of many shapes, outputs poisoned before
-//! each launch ([`candle_bitnet::ops::cuda::poison_outputs`]), every element compared bit for
-//! bit (int8 values, scales, i32 accumulators, scaled outputs in every dtype, decoded weights).
+//! build lacks the `cuda` feature or no GPU can be opened. With a GPU: fresh random inputs of
+//! the shared table of shapes (`common/kernels.rs`), outputs poisoned before each launch
+//! ([`candle_bitnet::ops::cuda::poison_outputs`]), every element compared bit for bit (int8
+//! values, scales, i32 accumulators, scaled outputs in every dtype, decoded weights).
 
 mod common;
 
@@ -14,27 +16,15 @@ use candle_bitnet::ops::{
 };
 use candle_bitnet::weights::load_model_dir;
 use candle_core::{DType, Device, Result, Tensor};
+use common::kernels::{
+    activations, check_bitlinear, tensor_bits, Backend, Case, Coverage, Output, Shape, DTYPES,
+    ROWS, SHAPES,
+};
 use common::{
     assert_batch_matches_single, assert_logits_close, fixture_dir, random_activations,
     random_packed, skipped, Expected, PROMPTS,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
-
-/// Activation rows: the mat-vec range (1-8), just past it, one and several gemm tiles.
-const ROWS: [usize; 7] = [1, 2, 7, 8, 9, 128, 513];
-/// (in, out): odd and 16-byte-unaligned rows, tails of every length, the fixture's and the
-/// 2B model's shapes.
-const SHAPES: [(usize, usize); 9] = [
-    (1, 4),
-    (3, 12),
-    (17, 44),
-    (64, 8),
-    (130, 132),
-    (344, 128),
-    (128, 344),
-    (2568, 20),
-    (2560, 640),
-];
 
 /// GPU 0, or `None` after saying why `test` is skipped.
 fn gpu(test: &str) -> Option<Device> {
@@ -61,61 +51,78 @@ fn gpu(test: &str) -> Option<Device> {
     }
 }
 
-/// Random activations `[n, k]` with a few large values per row; with n ≥ 3 row 0 is all ties
-/// (absmax 127, so x·s_x lands on .5 and rounding half to even decides) and row 1 is all
-/// zeros (the absmax clamp).
-fn activations(rng: &mut StdRng, n: usize, k: usize) -> Vec<f32> {
-    let mut x = random_activations(rng, n, k);
-    if n >= 3 {
-        for (c, v) in x[..k].iter_mut().enumerate() {
-            *v = if c == 0 {
-                127.0
-            } else {
-                (c % 254) as f32 - 126.5
-            };
-        }
-        x[k..2 * k].fill(0.0);
-    }
-    x
-}
-
-/// Bit patterns of a float tensor (widened to f32, which is exact for bf16/f16), or the values
-/// of an integer tensor, on the CPU.
-fn bits(t: &Tensor) -> Result<Vec<u32>> {
-    let t = t.to_device(&Device::Cpu)?.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::I32 => t.to_vec1::<i32>()?.into_iter().map(|v| v as u32).collect(),
-        _ => t
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(f32::to_bits)
-            .collect(),
-    })
-}
-
 fn assert_same(got: &Tensor, want: &Tensor, what: &str) -> Result<()> {
     assert_eq!(got.dims(), want.dims(), "{what}: shape");
     assert_eq!(got.dtype(), want.dtype(), "{what}: dtype");
-    let (g, w) = (bits(got)?, bits(want)?);
-    if let Some(i) = (0..w.len()).find(|&i| g[i] != w[i]) {
-        let n = (0..w.len()).filter(|&i| g[i] != w[i]).count();
-        panic!(
-            "{what}: {n} of {} elements differ, first at {i}: got {:#010x}, want {:#010x}",
-            w.len(),
-            g[i],
-            w[i]
-        );
-    }
+    common::kernels::assert_same_bits(&tensor_bits(got)?, &tensor_bits(want)?, what);
     Ok(())
 }
 
-fn kernels_for(n: usize) -> Vec<GpuKernel> {
-    let mut k = vec![GpuKernel::Auto, GpuKernel::Gemm];
-    if n <= 8 {
-        k.push(GpuKernel::Gemv);
+/// The GPU as a [`Backend`]: the op, each kernel it can choose for the rows, and each of those
+/// again on weights 3 bytes into their buffer (in % 16 == 0 would allow 16-byte loads: the
+/// guarded loads instead).
+struct Cuda(Device);
+
+#[derive(Debug, Clone, Copy)]
+enum CudaRun {
+    Op,
+    Kernel(GpuKernel),
+    OffsetWeights(GpuKernel),
+}
+
+impl Backend for Cuda {
+    type Kernel = CudaRun;
+
+    fn runs(&self, case: &Case) -> Vec<(CudaRun, Output)> {
+        let mut kernels = vec![GpuKernel::Auto, GpuKernel::Gemm];
+        if case.shape.rows <= 8 {
+            kernels.push(GpuKernel::Gemv);
+        }
+        let mut runs: Vec<_> = DTYPES
+            .iter()
+            .map(|&dtype| (CudaRun::Op, Output::Scaled(dtype)))
+            .collect();
+        for kernel in kernels {
+            runs.push((CudaRun::Kernel(kernel), Output::Accumulators));
+            runs.extend(DTYPES.map(|dtype| (CudaRun::Kernel(kernel), Output::Scaled(dtype))));
+            if case.shape.k.is_multiple_of(16) {
+                runs.push((CudaRun::OffsetWeights(kernel), Output::Accumulators));
+            }
+        }
+        runs
     }
-    k
+
+    fn run(&self, run: &CudaRun, case: &Case, output: Output) -> Result<Vec<u32>> {
+        let Shape { rows, k, out } = case.shape;
+        let w = match run {
+            CudaRun::OffsetWeights(_) => {
+                let mut buf = vec![0u8; 3];
+                buf.extend_from_slice(&case.packed);
+                Tensor::from_vec(buf, 3 + out / 4 * k, &self.0)?
+                    .narrow(0, 3, out / 4 * k)?
+                    .reshape((out / 4, k))?
+            }
+            _ => case.w_tensor(&self.0)?,
+        };
+        let y = match (run, output) {
+            (CudaRun::Op, Output::Scaled(dtype)) => {
+                bitlinear(&case.x_tensor(dtype, &self.0)?, &w, case.w_div)?
+            }
+            (CudaRun::Kernel(kernel), Output::Scaled(dtype)) => {
+                bitlinear_with_kernel(&case.x_tensor(dtype, &self.0)?, &w, case.w_div, *kernel)?
+            }
+            (CudaRun::Kernel(kernel) | CudaRun::OffsetWeights(kernel), Output::Accumulators) => {
+                bitlinear_accumulate(&case.x_tensor(DType::F32, &self.0)?, &w, *kernel)?
+            }
+            _ => candle_core::bail!("{run:?} does not give {output:?}"),
+        };
+        let dtype = match output {
+            Output::Accumulators => DType::I32,
+            Output::Scaled(dtype) => dtype,
+        };
+        assert_eq!((y.dims(), y.dtype()), (&[1, rows, out][..], dtype));
+        tensor_bits(&y)
+    }
 }
 
 #[test]
@@ -127,7 +134,7 @@ fn quantization_matches_the_cpu_bit_for_bit() -> Result<()> {
     for &(k, _) in &SHAPES {
         for &n in &ROWS {
             let x = Tensor::from_vec(activations(&mut rng, n, k), (n, k), &Device::Cpu)?;
-            for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for dtype in DTYPES {
                 let x = x.to_dtype(dtype)?;
                 let (want_q, want_s) = quantize_activations(&x)?;
                 let (got_q, got_s) = quantize_activations(&x.to_device(&gpu)?)?;
@@ -140,61 +147,14 @@ fn quantization_matches_the_cpu_bit_for_bit() -> Result<()> {
     Ok(())
 }
 
+/// The shared table through the op and every kernel: raw accumulators and outputs in every
+/// dtype, against the reference.
 #[test]
-fn accumulators_match_the_cpu_bit_for_bit() -> Result<()> {
-    let Some(gpu) = gpu("accumulators_match_the_cpu_bit_for_bit") else {
+fn bitlinear_matches_the_reference_bit_for_bit() -> Result<()> {
+    let Some(gpu) = gpu("bitlinear_matches_the_reference_bit_for_bit") else {
         return Ok(());
     };
-    let mut rng = StdRng::seed_from_u64(12);
-    for &(k, out) in &SHAPES {
-        let packed = random_packed(&mut rng, out, k)?;
-        let w = Tensor::from_vec(packed, (out / 4, k), &Device::Cpu)?;
-        let w_gpu = w.to_device(&gpu)?;
-        for &n in &ROWS {
-            let x = Tensor::from_vec(activations(&mut rng, n, k), (n, k), &Device::Cpu)?;
-            let want = bitlinear_accumulate(&x, &w, GpuKernel::Auto)?;
-            let x_gpu = x.to_device(&gpu)?;
-            for kernel in kernels_for(n) {
-                let got = bitlinear_accumulate(&x_gpu, &w_gpu, kernel)?;
-                assert_same(
-                    &got,
-                    &want,
-                    &format!("{kernel:?} acc rows {n}, {k} → {out}"),
-                )?;
-            }
-        }
-    }
-    Ok(())
-}
-
-#[test]
-fn outputs_match_the_cpu_bit_for_bit_in_every_dtype() -> Result<()> {
-    let Some(gpu) = gpu("outputs_match_the_cpu_bit_for_bit_in_every_dtype") else {
-        return Ok(());
-    };
-    let mut rng = StdRng::seed_from_u64(13);
-    for &(k, out) in &SHAPES {
-        let packed = random_packed(&mut rng, out, k)?;
-        let w = Tensor::from_vec(packed, (out / 4, k), &Device::Cpu)?;
-        let w_gpu = w.to_device(&gpu)?;
-        let w_div: f32 = rng.random_range(0.5..4.0);
-        for &n in &ROWS {
-            // (1, n, k): the op flattens leading dimensions.
-            let x = Tensor::from_vec(activations(&mut rng, n, k), (1, n, k), &Device::Cpu)?;
-            for dtype in [DType::F32, DType::BF16, DType::F16] {
-                let x = x.to_dtype(dtype)?;
-                let want = bitlinear(&x, &w, w_div)?;
-                let x_gpu = x.to_device(&gpu)?;
-                let what = format!("{dtype:?} rows {n}, {k} → {out}");
-                assert_same(&bitlinear(&x_gpu, &w_gpu, w_div)?, &want, &what)?;
-                for kernel in kernels_for(n) {
-                    let got = bitlinear_with_kernel(&x_gpu, &w_gpu, w_div, kernel)?;
-                    assert_same(&got, &want, &format!("{kernel:?} {what}"))?;
-                }
-            }
-        }
-    }
-    Ok(())
+    check_bitlinear(&Cuda(gpu), Coverage::All, 12)
 }
 
 /// No rows in, no rows out, on both devices.
@@ -215,33 +175,6 @@ fn empty_input_gives_an_empty_output() -> Result<()> {
 }
 
 #[test]
-fn unaligned_weight_storage_takes_the_guarded_loads() -> Result<()> {
-    let Some(gpu) = gpu("unaligned_weight_storage_takes_the_guarded_loads") else {
-        return Ok(());
-    };
-    let mut rng = StdRng::seed_from_u64(14);
-    // in % 16 == 0, but the packed matrix starts 3 bytes into its buffer.
-    let (k, out) = (256, 44);
-    let packed = random_packed(&mut rng, out, k)?;
-    let mut buf = vec![0u8; 3];
-    buf.extend_from_slice(&packed);
-    let w = Tensor::from_vec(packed, (out / 4, k), &Device::Cpu)?;
-    let w_gpu = Tensor::from_vec(buf, 3 + out / 4 * k, &gpu)?
-        .narrow(0, 3, out / 4 * k)?
-        .reshape((out / 4, k))?;
-    for &n in &ROWS {
-        let x = Tensor::from_vec(activations(&mut rng, n, k), (n, k), &Device::Cpu)?;
-        let want = bitlinear_accumulate(&x, &w, GpuKernel::Auto)?;
-        let x_gpu = x.to_device(&gpu)?;
-        for kernel in kernels_for(n) {
-            let got = bitlinear_accumulate(&x_gpu, &w_gpu, kernel)?;
-            assert_same(&got, &want, &format!("{kernel:?} offset weights, rows {n}"))?;
-        }
-    }
-    Ok(())
-}
-
-#[test]
 fn dequantize_matches_the_cpu_bit_for_bit() -> Result<()> {
     let Some(gpu) = gpu("dequantize_matches_the_cpu_bit_for_bit") else {
         return Ok(());
@@ -250,7 +183,7 @@ fn dequantize_matches_the_cpu_bit_for_bit() -> Result<()> {
     for &(k, out) in &SHAPES {
         let w = Tensor::from_vec(random_packed(&mut rng, out, k)?, (out / 4, k), &Device::Cpu)?;
         let w_div: f32 = rng.random_range(0.5..4.0);
-        for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for dtype in DTYPES {
             let want = dequantize(&w, w_div, dtype)?;
             let got = dequantize(&w.to_device(&gpu)?, w_div, dtype)?;
             assert_same(&got, &want, &format!("dequantize {dtype:?} [{out}, {k}]"))?;
@@ -258,9 +191,6 @@ fn dequantize_matches_the_cpu_bit_for_bit() -> Result<()> {
     }
     Ok(())
 }
-
-/// The decode ops' float dtypes.
-const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
 fn random_tensor(rng: &mut StdRng, dims: &[usize], dtype: DType) -> Result<Tensor> {
     let k = dims.last().copied().unwrap_or(1);

@@ -16,8 +16,11 @@ mod common;
 use candle_bitnet::ops::dequantize;
 use candle_bitnet::ops::launch::{self, Launch, ACT_ALIGN, GEMV_MAX_ROWS};
 use candle_bitnet::ops::reference::{self, AttentionShape, Float};
-use candle_bitnet::quant::{dequantize_accumulator, quantize_activations, ternary_accumulate};
+use candle_bitnet::quant::{dequantize_accumulator, ternary_accumulate};
 use candle_core::{DType, Device, Tensor};
+use common::kernels::{
+    activations, check_bitlinear, Backend, Case, Coverage, Output, Quantized, Shape, SHAPES,
+};
 use common::{random_activations, random_packed, skipped};
 use half::{bf16, f16};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -26,26 +29,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
-
-/// Activation rows: the mat-vec range (1-8), just past it, one and two gemm row tiles.
-const ROWS: [usize; 7] = [1, 2, 7, 8, 9, 65, 128];
-/// (in, out). `in`: below 16, tails of 1, 2 and 8 bytes past a 16-byte chunk, multiples of
-/// 16 (the 16-byte weight loads) with more chunks than a warp has lanes (592) and a tail past
-/// the gemm's 64-byte steps (592 = 9·64 + 16). `out / 4` packed rows: partial gemv blocks
-/// (4 rows) and gemm tiles (32 rows), two gemm column tiles (33).
-const SHAPES: [(usize, usize); 9] = [
-    (1, 4),
-    (3, 12),
-    (17, 44),
-    (64, 8),
-    (130, 132),
-    (256, 44),
-    (344, 128),
-    (592, 20),
-    (2568, 20),
-];
-/// Nine gemm row tiles, the last one a single row.
-const BIG: (usize, usize, usize) = (513, 130, 132);
 
 /// A deadlock (a barrier or shuffle that not every thread reaches) shows up as this.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -261,50 +244,9 @@ fn assert_same<T: Elem>(got: &[u8], want: &[T], what: &str) {
     }
 }
 
-/// Activations `[n, k]`: random, a few large values per row, and, before the last row, edge
-/// rows: all ties (absmax 127, so x·s_x lands on .5), all zeros (the absmax clamp), ±absmax
-/// with ties, values below the clamp, and -0 with a NaN (quantized to 0).
-fn activations(rng: &mut StdRng, n: usize, k: usize) -> Vec<f32> {
-    let mut x = random_activations(rng, n, k);
-    for t in 0..n.saturating_sub(1).min(5) {
-        let row = &mut x[t * k..(t + 1) * k];
-        for (c, v) in row.iter_mut().enumerate() {
-            *v = match t {
-                0 if c == 0 => 127.0,
-                0 => (c % 254) as f32 - 126.5,
-                1 => 0.0,
-                // absmax 2 with both signs: s_x = 63.5, and ±1 lands on ±63.5.
-                2 => [2.0, -2.0, 1.0, -1.0][c % 4] * if c % 8 < 4 { 1.0 } else { 0.5 },
-                3 => ((c % 16) as f32 - 7.5) * 1e-7,
-                _ if c % 5 == 2 => f32::NAN,
-                _ => [-0.0, 0.25, -0.75][c % 3],
-            };
-        }
-    }
-    x
-}
-
-/// The reference per-token quantization, in the kernels' layout: `xq [n, k_pad]` zero-padded,
-/// the scales, the row sums of `xq`.
-struct Quantized {
-    xq: Vec<i8>,
-    scale: Vec<f32>,
-    sum: Vec<i32>,
-}
-
+/// The reference quantization in the kernels' layout, rows padded to [`ACT_ALIGN`].
 fn reference_quantize(x: &[f32], n: usize, k: usize) -> Quantized {
-    let k_pad = k.next_multiple_of(ACT_ALIGN);
-    let mut q = Quantized {
-        xq: vec![0; n * k_pad],
-        scale: vec![],
-        sum: vec![],
-    };
-    for (t, row) in x.chunks_exact(k).enumerate() {
-        let xq = &mut q.xq[t * k_pad..t * k_pad + k];
-        q.scale.push(quantize_activations(row, xq));
-        q.sum.push(xq.iter().map(|&v| v as i32).sum());
-    }
-    q
+    Quantized::of(x, n, k, k.next_multiple_of(ACT_ALIGN))
 }
 
 /// Every quantize kernel: int8 (and the tests' int32) values, scales and row sums, for f32,
@@ -364,102 +306,117 @@ fn quantize_kernels_match_the_reference() {
     }
 }
 
-/// `bitlinear_gemv_*` (up to 8 rows) and `bitlinear_gemm_*` (any rows): raw i32 accumulators
-/// and scaled outputs in f32, bf16 and f16. Their inputs are the reference's int8 activations,
-/// scales and sums, which the test above holds `quantize_i8_*` to (cheaper than running it
-/// for every row here). Weights: right before a guard page, which is 16-byte aligned when
-/// `in % 16 == 0`, and, for those shapes, 3 bytes off (the guarded loads).
-#[test]
-fn bitlinear_kernels_match_the_reference() {
-    let Some(exe) = driver("bitlinear_kernels_match_the_reference") else {
-        return;
-    };
-    let mut rng = StdRng::seed_from_u64(22);
-    let cases = SHAPES
-        .iter()
-        .flat_map(|&(k, out)| ROWS.iter().map(move |&n| (n, k, out)))
-        .chain([BIG]);
-    let mut weights = None;
-    for (n, k, out) in cases {
-        if weights
-            .as_ref()
-            .is_none_or(|(shape, _, _)| *shape != (k, out))
-        {
-            let w = random_packed(&mut rng, out, k).unwrap();
-            weights = Some(((k, out), w, rng.random_range(0.5..4.0f32)));
-        }
-        let (_, w, w_div) = weights.as_ref().unwrap();
-        let (r, k_pad) = (out / 4, k.next_multiple_of(ACT_ALIGN));
+/// The emulated kernels as a [`Backend`]: `bitlinear_gemm_*`, `bitlinear_gemv_*` (up to 8
+/// rows) and `bitlinear_gemv1_*` (one row); raw i32 accumulators and scaled outputs in f32,
+/// bf16 and f16. Their inputs are the reference's int8 activations, scales and sums, which
+/// `quantize_kernels_match_the_reference` holds `quantize_i8_*` to (cheaper than running it for
+/// every case here). Weights: right before a guard page, which is 16-byte aligned when
+/// `in % 16 == 0`, and, for those shapes, 3 bytes off too (the guarded loads).
+struct Emulated(&'static Path);
 
-        let x = activations(&mut rng, n, k);
-        let q = reference_quantize(&x, n, k);
-        let acc: Vec<i32> = (0..n)
-            .flat_map(|t| ternary_accumulate(&q.xq[t * k_pad..t * k_pad + k], w, out))
-            .collect();
-        let y: Vec<f32> = (0..n * out)
-            .map(|i| dequantize_accumulator(acc[i], q.scale[i / out], *w_div))
-            .collect();
+#[derive(Debug, Clone, Copy)]
+struct EmulatedKernel {
+    name: &'static str,
+    weights_offset: Option<usize>,
+}
 
-        let gemm = launch::gemm(r, n).unwrap();
-        let gemv = launch::gemv(r);
-        let mut kernels = vec![("gemm", gemm)];
-        if n <= GEMV_MAX_ROWS {
-            kernels.push(("gemv", gemv));
+impl Backend for Emulated {
+    type Kernel = EmulatedKernel;
+
+    fn runs(&self, case: &Case) -> Vec<(EmulatedKernel, Output)> {
+        let Shape { rows, k, .. } = case.shape;
+        let mut names = vec!["gemm"];
+        if rows <= GEMV_MAX_ROWS {
+            names.push("gemv");
         }
-        if n == 1 {
-            kernels.push(("gemv1", gemv));
+        if rows == 1 {
+            names.push("gemv1");
         }
-        let mut variants = vec![("i32", None), ("f32", None), ("bf16", None), ("f16", None)];
-        if k % 16 == 0 {
+        let mut runs = vec![];
+        for name in names {
+            let kernel = |weights_offset| EmulatedKernel {
+                name,
+                weights_offset,
+            };
+            runs.push((kernel(None), Output::Accumulators));
+            runs.extend(common::kernels::DTYPES.map(|dtype| (kernel(None), Output::Scaled(dtype))));
             // Otherwise the loads are byte-wise anyway: `in` alone rules out 16-byte loads.
-            variants.push(("i32", Some(3)));
-        }
-        for (kernel, geometry) in kernels {
-            for &(dtype, w_offset) in &variants {
-                let size = if matches!(dtype, "bf16" | "f16") {
-                    2
-                } else {
-                    4
-                };
-                let mut args = vec![
-                    Arg::In(w.clone(), w_offset),
-                    Arg::In(to_bytes(&q.xq), None),
-                    Arg::In(to_bytes(&q.scale), None),
-                    Arg::In(to_bytes(&q.sum), None),
-                    Arg::Out(n * out * size),
-                ];
-                if kernel != "gemm" {
-                    args.push(Arg::Null); // no residual
-                }
-                args.extend([Arg::Int(n), Arg::Int(r), Arg::Int(k), Arg::Int(k_pad)]);
-                if kernel != "gemm" {
-                    // One segment: both ends at r, every w_div the same.
-                    args.extend([
-                        Arg::Int(r),
-                        Arg::Int(r),
-                        Arg::Float(*w_div),
-                        Arg::Float(*w_div),
-                    ]);
-                }
-                args.push(Arg::Float(*w_div));
-                let name = format!("bitlinear_{kernel}_{dtype}");
-                let got = &run(exe, &name, geometry, args)[0];
-                let what = format!("{name} rows {n}, {k} → {out}, weights at {w_offset:?}");
-                match dtype {
-                    "i32" => assert_same(got, &acc, &what),
-                    "f32" => assert_same(got, &y, &what),
-                    "bf16" => {
-                        let y: Vec<bf16> = y.iter().map(|&v| bf16::from_f32(v)).collect();
-                        assert_same(got, &y, &what)
-                    }
-                    _ => {
-                        let y: Vec<f16> = y.iter().map(|&v| f16::from_f32(v)).collect();
-                        assert_same(got, &y, &what)
-                    }
-                }
+            if k.is_multiple_of(16) {
+                runs.push((kernel(Some(3)), Output::Accumulators));
             }
         }
+        runs
     }
+
+    fn run(
+        &self,
+        kernel: &EmulatedKernel,
+        case: &Case,
+        output: Output,
+    ) -> candle_core::Result<Vec<u32>> {
+        let Shape { rows: n, k, out } = case.shape;
+        let (r, k_pad) = (out / 4, k.next_multiple_of(ACT_ALIGN));
+        let (suffix, size, dtype) = match output {
+            Output::Accumulators => ("i32", 4, DType::F32),
+            Output::Scaled(dtype) => (dtype.as_str(), dtype.size_in_bytes(), dtype),
+        };
+        let q = reference_quantize(&case.x_in(dtype), n, k);
+        let gemm = kernel.name == "gemm";
+        let mut args = vec![
+            Arg::In(case.packed.clone(), kernel.weights_offset),
+            Arg::In(to_bytes(&q.xq), None),
+            Arg::In(to_bytes(&q.scale), None),
+            Arg::In(to_bytes(&q.sum), None),
+            Arg::Out(n * out * size),
+        ];
+        if !gemm {
+            args.push(Arg::Null); // no residual
+        }
+        args.extend([Arg::Int(n), Arg::Int(r), Arg::Int(k), Arg::Int(k_pad)]);
+        if !gemm {
+            // One segment: both ends at r, every w_div the same.
+            args.extend([
+                Arg::Int(r),
+                Arg::Int(r),
+                Arg::Float(case.w_div),
+                Arg::Float(case.w_div),
+            ]);
+        }
+        args.push(Arg::Float(case.w_div));
+        let geometry = if gemm {
+            launch::gemm(r, n)?
+        } else {
+            launch::gemv(r)
+        };
+        let name = format!("bitlinear_{}_{suffix}", kernel.name);
+        let got = run(self.0, &name, geometry, args).remove(0);
+        Ok(match output {
+            Output::Accumulators => from_bytes::<i32>(&got)
+                .into_iter()
+                .map(Elem::bits)
+                .collect(),
+            Output::Scaled(DType::BF16) => widened(&from_bytes::<bf16>(&got)),
+            Output::Scaled(DType::F16) => widened(&from_bytes::<f16>(&got)),
+            Output::Scaled(_) => from_bytes::<f32>(&got)
+                .into_iter()
+                .map(Elem::bits)
+                .collect(),
+        })
+    }
+}
+
+/// The bits of 16-bit floats widened to f32, as the harness compares them.
+fn widened<T: Float>(v: &[T]) -> Vec<u32> {
+    v.iter().map(|v| v.to_f32().to_bits()).collect()
+}
+
+/// The shared table (its emulated part) through every BitLinear kernel, bit for bit.
+#[test]
+fn bitlinear_kernels_match_the_reference() -> candle_core::Result<()> {
+    let Some(exe) = driver("bitlinear_kernels_match_the_reference") else {
+        return Ok(());
+    };
+    check_bitlinear(&Emulated(exe), Coverage::Emulated, 22)
 }
 
 /// `dequant_*`: packed weights to dense `W / w_div` in each dtype, against the CPU op.
@@ -545,8 +502,11 @@ fn check_rms_norm_quantize<T: Act>(exe: &Path, rng: &mut StdRng, relu2: bool) {
             .collect();
         let eps: f32 = [1e-5, 1e-6][k % 2];
         let k_pad = k.next_multiple_of(ACT_ALIGN);
-        let mut want = reference_quantize(&[], 0, 1);
-        want.xq = vec![0; n * k_pad];
+        let mut want = Quantized {
+            xq: vec![0; n * k_pad],
+            scale: vec![],
+            sum: vec![],
+        };
         for (t, row) in x.chunks_exact(width).enumerate() {
             let values: Vec<f32> = if relu2 {
                 row[..k]

@@ -1,6 +1,8 @@
 //! The hub path through the real hf-hub code, against a fake hub cache the tests build
 //! (`models--org--name/{refs,snapshots}/…`): offline, cache-first with an unreachable endpoint,
-//! sharded weights, revisions, and the error line when files are not cached.
+//! sharded weights, revisions, and the error line when files are not cached. Without the
+//! `download` feature the same cache lookups hold, and a missing file says the build cannot
+//! download.
 
 mod common;
 
@@ -167,39 +169,49 @@ fn missing_files_are_one_clear_line() -> Result<()> {
         }
         let why = if offline {
             "HF_HUB_OFFLINE"
-        } else {
+        } else if cfg!(feature = "download") {
             "downloading it failed"
+        } else {
+            "this build cannot download"
         };
         assert!(first.contains(why), "{first}");
     }
     Ok(())
 }
 
+/// The cache found through `HF_HOME` (its `hub/`) and through `HF_HUB_CACHE` (anywhere).
+#[cfg(feature = "cli")]
 #[test]
 fn cli_runs_a_hub_id_from_the_cache() -> Result<()> {
     let home = tempfile::tempdir()?;
+    let elsewhere = tempfile::tempdir()?;
     fake_cache(&home.path().join("hub"), "main", COMMIT, true)?;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitnet"))
-        .args([
-            "generate",
-            "--model",
-            REPO,
-            "--prompt-ids",
-            "502,225,358,31,315,501,169",
-        ])
-        .args(["--temperature", "0", "--ignore-eos", "--max-tokens", "16"])
-        .env("HF_HOME", home.path())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fake_cache(elsewhere.path(), "main", COMMIT, false)?;
     let want = Expected::load()?.greedy["generated_text"]["ids_len7"]
         .as_str()
         .expect("text")
         .to_string();
-    assert_eq!(String::from_utf8(out.stdout)?, want + "\n");
+    for (var, dir) in [("HF_HOME", home.path()), ("HF_HUB_CACHE", elsewhere.path())] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitnet"))
+            .args([
+                "generate",
+                "--model",
+                REPO,
+                "--prompt-ids",
+                "502,225,358,31,315,501,169",
+            ])
+            .args(["--temperature", "0", "--ignore-eos", "--max-tokens", "16"])
+            .env_remove("HF_HOME")
+            .env_remove("HF_HUB_CACHE")
+            .env(var, dir)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{var}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8(out.stdout)?, want.clone() + "\n", "{var}");
+    }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! CPU kernels against the pure-Rust reference in `quant.rs`: BitLinear must agree bit for bit
-//! (every kernel variant this CPU runs, odd shapes, every input dtype); the bf16-weight head
-//! within float-reordering tolerance of candle's matmul.
+//! (every kernel variant this CPU runs, the shared table of shapes in `common/kernels.rs`, every
+//! input dtype); the bf16-weight head within float-reordering tolerance of candle's matmul.
 
 mod common;
 
@@ -12,36 +12,59 @@ use candle_bitnet::ops::{
     bitlinear, bitlinear_segments, matmul_bf16_weight, matmul_int8_head, rms_norm_bitlinear,
 };
 use candle_bitnet::quant::{bitlinear_reference, pack_ternary};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
+use common::kernels::{
+    check_bitlinear, check_case, reference, tensor_bits, Backend, Case, Coverage, Output, Shape,
+    DTYPES,
+};
 use common::{random_activations, random_packed};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-const IN: [usize; 8] = [1, 3, 63, 64, 65, 127, 130, 2568];
-// Up to five 64-row tiles, so that decode walks 4 tiles at once and then a remainder.
-const OUT: [usize; 7] = [4, 8, 12, 44, 132, 256, 324];
-const ROWS: [usize; 10] = [1, 2, 3, 4, 5, 7, 8, 9, 33, 128];
+/// The CPU as a [`Backend`]: every SIMD kernel this machine runs (f32, through
+/// [`bitlinear_with`] into a NaN-poisoned output), and the op on tensors in every dtype.
+struct Cpu;
 
-struct Case {
-    x: Vec<f32>,
-    packed: Vec<u8>,
-    n: usize,
-    out: usize,
-    w_div: f32,
+#[derive(Debug, Clone, Copy)]
+enum CpuRun {
+    Kernel(Kernel),
+    Op,
 }
 
-impl Case {
-    fn random(rng: &mut StdRng, n: usize, k: usize, out: usize) -> Result<Self> {
-        Ok(Self {
-            x: random_activations(rng, n, k),
-            packed: random_packed(rng, out, k)?,
-            n,
-            out,
-            w_div: rng.random_range(0.5..4.0),
-        })
+impl Backend for Cpu {
+    type Kernel = CpuRun;
+
+    fn runs(&self, _: &Case) -> Vec<(CpuRun, Output)> {
+        let kernels = Kernel::available()
+            .iter()
+            .map(|&k| (CpuRun::Kernel(k), Output::Scaled(DType::F32)));
+        let op = DTYPES.map(|dtype| (CpuRun::Op, Output::Scaled(dtype)));
+        kernels.chain(op).collect()
     }
 
-    fn reference(&self) -> Vec<f32> {
-        bitlinear_reference(&self.x, self.n, &self.packed, self.out, self.w_div)
+    fn run(&self, run: &CpuRun, case: &Case, output: Output) -> Result<Vec<u32>> {
+        let Output::Scaled(dtype) = output else {
+            bail!("the CPU runs the reference accumulators, nothing to compare")
+        };
+        let Shape { rows, k, out } = case.shape;
+        match run {
+            CpuRun::Kernel(kernel) => {
+                let acts = QuantizedRows::new(&case.x, rows, k);
+                let tiles = TernaryTiles::from_packed(&case.packed, k, out)?;
+                let mut y = vec![f32::NAN; rows * out];
+                bitlinear_with(*kernel, &acts, &tiles, case.w_div, &mut y)?;
+                Ok(bits(&y))
+            }
+            CpuRun::Op => {
+                let dev = Device::Cpu;
+                let y = bitlinear(
+                    &case.x_tensor(dtype, &dev)?,
+                    &case.w_tensor(&dev)?,
+                    case.w_div,
+                )?;
+                assert_eq!((y.dims(), y.dtype()), (&[1, rows, out][..], dtype));
+                tensor_bits(&y)
+            }
+        }
     }
 }
 
@@ -50,51 +73,21 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 #[test]
-fn every_kernel_matches_the_reference_bit_for_bit() -> Result<()> {
-    let mut rng = StdRng::seed_from_u64(1);
+fn every_kernel_and_dtype_matches_the_reference_bit_for_bit() -> Result<()> {
     println!("kernels: {:?}", Kernel::available());
-    for &k in &IN {
-        for &out in &OUT {
-            for &n in &ROWS {
-                let case = Case::random(&mut rng, n, k, out)?;
-                let want = bits(&case.reference());
-                let acts = QuantizedRows::new(&case.x, n, k);
-                let tiles = TernaryTiles::from_packed(&case.packed, k, out)?;
-                for &kernel in Kernel::available() {
-                    let mut y = vec![f32::NAN; n * out];
-                    bitlinear_with(kernel, &acts, &tiles, case.w_div, &mut y)?;
-                    assert_eq!(bits(&y), want, "{kernel:?} rows {n}, {k} → {out}");
-                }
-            }
-        }
-    }
-    Ok(())
+    check_bitlinear(&Cpu, Coverage::All, 1)
 }
 
+/// The harness's reference is `quant.rs`'s, only faster.
 #[test]
-fn the_op_matches_the_reference_in_every_dtype() -> Result<()> {
-    let mut rng = StdRng::seed_from_u64(2);
-    let dev = Device::Cpu;
-    for &(n, k, out) in &[(1, 2568, 132), (5, 65, 44), (33, 130, 12), (3, 1, 4)] {
-        let case = Case::random(&mut rng, n, k, out)?;
-        let w = Tensor::from_vec(case.packed.clone(), (out / 4, k), &dev)?;
-        let x = Tensor::from_vec(case.x.clone(), (1, n, k), &dev)?;
-        for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let x = x.to_dtype(dtype)?;
-            // The op widens to f32 first, so the reference sees the rounded inputs.
-            let x_f32 = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let want = bitlinear_reference(&x_f32, n, &case.packed, out, case.w_div);
-            let want = Tensor::from_vec(want, (1, n, out), &dev)?.to_dtype(dtype)?;
-            let got = bitlinear(&x, &w, case.w_div)?;
-            assert_eq!(got.dims(), &[1, n, out]);
-            assert_eq!(got.dtype(), dtype);
-            let (got, want) = (got.to_dtype(DType::F32)?, want.to_dtype(DType::F32)?);
-            assert_eq!(
-                bits(&got.flatten_all()?.to_vec1()?),
-                bits(&want.flatten_all()?.to_vec1()?),
-                "{dtype:?} rows {n}, {k} → {out}"
-            );
-        }
+fn the_harness_reference_is_the_crate_reference() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(7);
+    for (rows, k, out) in [(1, 1, 4), (5, 65, 44), (9, 2568, 20)] {
+        let case = Case::random(&mut rng, Shape { rows, k, out })?;
+        let weights = candle_bitnet::quant::unpack_ternary(&case.packed, out, k);
+        let want = bitlinear_reference(&case.x, rows, &case.packed, out, case.w_div);
+        let got = reference(&case, &weights, Output::Scaled(DType::F32));
+        assert_eq!(got, bits(&want), "rows {rows}, {k} → {out}");
     }
     Ok(())
 }
@@ -104,17 +97,12 @@ fn long_rows_match_the_reference_past_the_accumulator_flush() -> Result<()> {
     // 70 000 columns: more steps than the AVX-512 kernel sums before undoing the bit-field
     // scale, and thousands of AVX2 16-bit flushes.
     let mut rng = StdRng::seed_from_u64(6);
-    let (n, k, out) = (2, 70_000, 64);
-    let case = Case::random(&mut rng, n, k, out)?;
-    let want = bits(&case.reference());
-    let acts = QuantizedRows::new(&case.x, n, k);
-    let tiles = TernaryTiles::from_packed(&case.packed, k, out)?;
-    for &kernel in Kernel::available() {
-        let mut y = vec![f32::NAN; n * out];
-        bitlinear_with(kernel, &acts, &tiles, case.w_div, &mut y)?;
-        assert_eq!(bits(&y), want, "{kernel:?}");
-    }
-    Ok(())
+    let shape = Shape {
+        rows: 2,
+        k: 70_000,
+        out: 64,
+    };
+    check_case(&Cpu, &Case::random(&mut rng, shape)?)
 }
 
 #[test]
@@ -214,17 +202,16 @@ fn decode_walks_several_tiles_at_once_bit_for_bit() -> Result<()> {
         .build()
         .map_err(candle_core::Error::wrap)?;
     let mut rng = StdRng::seed_from_u64(12);
-    let (k, out) = (2568, 1100);
-    for n in [1, 2, 3] {
-        let case = Case::random(&mut rng, n, k, out)?;
-        let want = bits(&case.reference());
-        let acts = QuantizedRows::new(&case.x, n, k);
-        let tiles = TernaryTiles::from_packed(&case.packed, k, out)?;
-        for &kernel in Kernel::available() {
-            let mut y = vec![f32::NAN; n * out];
-            pool.install(|| bitlinear_with(kernel, &acts, &tiles, case.w_div, &mut y))?;
-            assert_eq!(bits(&y), want, "{kernel:?} rows {n}");
-        }
+    for rows in [1, 2, 3] {
+        let case = Case::random(
+            &mut rng,
+            Shape {
+                rows,
+                k: 2568,
+                out: 1100,
+            },
+        )?;
+        pool.install(|| check_case(&Cpu, &case))?;
     }
     Ok(())
 }

@@ -4,9 +4,9 @@
 //!
 //! A BitLinear forward is two launches: `quantize_i8_<x dtype>` writes the per-token int8
 //! activations (rows zero-padded to `ACT_ALIGN` bytes), scales and row sums to scratch buffers, then
-//! `bitlinear_gemv_<out>` (up to [`GEMV_MAX_ROWS`] rows) or `bitlinear_gemm_<out>` computes the
+//! `bitlinear_gemv_<out>` (up to `GEMV_MAX_ROWS` rows) or `bitlinear_gemm_<out>` computes the
 //! exact i32 products with the packed codes and applies both scales. The decode ops
-//! ([`super::decode`]) are one launch each (attention over a long cache: two).
+//! (`ops::decode`) are one launch each (attention over a long cache: two).
 
 use super::decode::{BitLinearQuantizedOp, DecodeAttentionOp, RmsNormQuantizeOp, RopeKvAppendOp};
 use super::launch::{self, Launch, ACT_ALIGN, GEMV_MAX_ROWS};

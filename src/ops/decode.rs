@@ -660,7 +660,7 @@ impl CustomOp3 for DecodeAttentionOp {
 /// against the first `len` positions of `cache: [2, n_kv, cap, hd]` (the token's own key and
 /// value appended by [`rope_kv_append`]), softmax of `q·k·scale` in f32: `[n_h·hd]` in the
 /// cache's dtype. GQA: query head h reads KV head `h / (n_h / n_kv)`. One launch on CUDA, two
-/// past [`super::launch_constants::ATTN_MIN_SPLIT_LEN`] positions (split over the cache).
+/// past `ATTN_MIN_SPLIT_LEN` (a launch constant) positions (split over the cache).
 pub fn decode_attention(
     qkv: &Tensor,
     cache: &Tensor,

@@ -1,7 +1,7 @@
 //! Launch geometry of the CUDA kernels in `kernels/`: the grid and block each op launches, from
-//! the constants the kernels are compiled with ([`super::launch_constants`]). Compiled without
+//! the constants the kernels are compiled with (`ops/launch_constants.rs`). Compiled without
 //! the `cuda` feature too, so the kernel emulation test (`tests/cuda_emulated.rs`) launches
-//! exactly what [`super::cuda`] does.
+//! exactly what `ops::cuda` does.
 
 use super::launch_constants::*;
 use candle_core::{bail, Result};
@@ -94,7 +94,7 @@ pub fn rope_kv_append(n_kv: usize, n_tok: usize) -> Result<Launch> {
 
 /// How `attention_decode_*` splits a cache of `len` positions: `(splits, positions per
 /// split)`, every split non-empty. Short caches run in one split (one launch); longer ones in
-/// up to [`ATTN_MAX_SPLITS`] (then `attention_combine_*` merges them).
+/// up to `ATTN_MAX_SPLITS` (then `attention_combine_*` merges them).
 pub fn attention_splits(len: usize) -> (usize, usize) {
     let splits = len.div_ceil(ATTN_MIN_SPLIT_LEN).clamp(1, ATTN_MAX_SPLITS);
     let split_len = len.div_ceil(splits).max(1);

@@ -66,7 +66,7 @@ pub fn block_sum(lanes: &[f32]) -> f32 {
     warp_sum(&mut warp_sums)
 }
 
-/// `Σ x²` in `rms_norm_quantize`'s order: [`RMS_NORM_THREADS`] strided partial sums (lane `p`
+/// `Σ x²` in `rms_norm_quantize`'s order: `RMS_NORM_THREADS` strided partial sums (lane `p`
 /// adds `x[p]²`, `x[p + RMS_NORM_THREADS]²`, … in turn), then [`block_sum`]. A block
 /// reduction cannot reproduce the 8 sequential partial sums of `norm.rs`; this order is as
 /// cheap on the CPU (it vectorizes the same way) and exact on both.

@@ -1,5 +1,8 @@
-//! Shared by the integration tests: the bundled reference fixture and its tolerances.
+//! Shared by the integration tests: the bundled reference fixture and its tolerances, and
+//! ([`kernels`]) the kernel tests' table of shapes and harness.
 #![allow(dead_code)]
+
+pub mod kernels;
 
 use candle_bitnet::BitnetForCausalLM;
 use candle_core::{DType, Device, Result, Tensor};
