@@ -249,7 +249,7 @@ fn chat_templates_run_within_limits() -> Result<()> {
             "instructions",
         ),
         (
-            "{% for i in range(1000) %}{{ 'x' * 100000000 }}{% endfor %}",
+            "{% for i in range(100) %}{{ 'x' * 100000 }}{% endfor %}",
             "rendered more than",
         ),
         (
@@ -263,6 +263,45 @@ fn chat_templates_run_within_limits() -> Result<()> {
         })?;
         let out = generate(dir.path(), &["--chat"]).output()?;
         assert_one_line_error(&out, &["chat template", "tokenizer_config.json", needle]);
+    }
+    Ok(())
+}
+
+/// Templates that grow a value geometrically, or by a huge argument, without writing it: each
+/// stops on the template's memory budget, well inside the address-space limit.
+#[test]
+fn chat_templates_that_grow_values_stop_on_their_budget() -> Result<()> {
+    for template in [
+        "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+        "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set s %}{{ ns.s }}{{ ns.s }}{% endset %}\
+         {% set ns.s = s %}{% endfor %}",
+        "{% set a = 'xxxxxxxx' %}{% set a = a~a~a~a~a~a~a~a %}{% set a = a~a~a~a~a~a~a~a %}\
+         {% set a = a~a~a~a~a~a~a~a %}{% set a = a~a~a~a~a~a~a~a %}{% set a = a~a~a~a~a~a~a~a %}\
+         {% set a = a~a~a~a~a~a~a~a %}{% set a = a~a~a~a~a~a~a~a %}{% set a = a~a~a~a~a~a~a~a %}",
+        "{% set ns = namespace(l=['x']) %}{% for i in range(64) %}{% set ns.l = ns.l + ns.l %}{% endfor %}\
+         {{ ns.l|join }}",
+        "{{ (['x'] * 1000000000000)|join }}",
+        "{% set ns = namespace(l=['x']) %}{% for i in range(40) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}\
+         {{ ns.l|tojson }}",
+        "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s|replace('x', 'xx') %}\
+         {% endfor %}",
+        "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = '%s%s'|format(ns.s, ns.s) %}\
+         {% endfor %}",
+        "{{ 'a\nb'|indent(1000000000000) }}",
+        "{{ [1]|batch(1000000000000, 'x') }}",
+        "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% endif %}{% endmacro %}\
+         {{ d('x' * 1000000, 16) }}",
+    ] {
+        let dir = fixture_copy()?;
+        edit_json(dir.path(), "tokenizer_config.json", |v| {
+            v["chat_template"] = template.into()
+        })?;
+        let out = generate(dir.path(), &["--chat"]).output()?;
+        assert_one_line_error(
+            &out,
+            &["chat template", "tokenizer_config.json", "needed more than", "runaway"],
+        );
     }
     Ok(())
 }
