@@ -250,7 +250,11 @@ unsafe fn avx2<const H: usize, const T: usize>(
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn head_avx2<W: HeadWeight>(task: Task<W>) {
-    task.run::<2, true>()
+    // Closures, not the function items: closures inherit this function's target features.
+    task.run_with::<2>(
+        |w, xs| dot_rows::<2, true, W>(w, xs),
+        |w, xs| dot_rows::<1, true, W>(w, xs),
+    )
 }
 
 /// The LM head block compiled for AVX-512F + FMA (the int8 head: the portable loop, eight
