@@ -440,10 +440,19 @@ fn head_results_do_not_depend_on_the_other_tokens() -> Result<()> {
     let x: Vec<f32> = (0..17 * hidden)
         .map(|_| rng.random_range(-2.0..2.0))
         .collect();
+    // The SIMD kernels (FMA, the same 32 lanes) agree with each other bit for bit.
+    let mut fma_results: Vec<(Kernel, Vec<u32>)> = Vec::new();
     for &kernel in Kernel::available() {
         let mut alone = vec![f32::NAN; 17 * vocab];
         for (x, y) in x.chunks(hidden).zip(alone.chunks_mut(vocab)) {
             matmul_bf16(kernel, x, &w, hidden, y)?;
+        }
+        if kernel != Kernel::Portable {
+            let bits: Vec<u32> = alone.iter().map(|v| v.to_bits()).collect();
+            if let Some((first, want)) = fma_results.first() {
+                assert!(bits == *want, "{kernel:?} differs from {first:?}");
+            }
+            fma_results.push((kernel, bits));
         }
         for n in [2, 5, 8, 9, 17] {
             let mut y = vec![f32::NAN; n * vocab];
