@@ -203,7 +203,7 @@ impl Attention {
             _ => Tensor::cat(&ys, 1)?,
         };
         let y = match &self.attn_sub_norm {
-            Some(norm) => timed(Stage::Norms, || norm.forward(&y))?,
+            Some(sub_norm) => norm(sub_norm, &y)?,
             None => y,
         };
         self.o_proj.forward(&y)
@@ -276,7 +276,7 @@ impl Module for Mlp {
         let gate = self.gate_proj.forward(x)?.apply(&self.act)?;
         let y = (gate * self.up_proj.forward(x)?)?;
         let y = match &self.ffn_sub_norm {
-            Some(norm) => timed(Stage::Norms, || norm.forward(&y))?,
+            Some(sub_norm) => norm(sub_norm, &y)?,
             None => y,
         };
         self.down_proj.forward(&y)
@@ -652,6 +652,7 @@ impl BitnetForCausalLM {
     }
 }
 
+/// An RMSNorm outside the projections, timed as [`Stage::Norms`].
 fn norm(norm: &RmsNorm, x: &Tensor) -> Result<Tensor> {
     timed(Stage::Norms, || norm.forward(x))
 }

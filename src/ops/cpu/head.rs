@@ -446,13 +446,17 @@ pub(super) fn dot_rows<const T: usize, const FMA: bool, W: HeadWeight>(
     }
     let mut dots = [0f32; T];
     for (t, (d, acc)) in dots.iter_mut().zip(&acc).enumerate() {
-        let tail = w_tail
-            .iter()
-            .zip(&xs[t * h + full..(t + 1) * h])
-            .map(|(&w, &x)| w.widen() * x);
-        *d = acc.iter().copied().chain(tail).sum();
+        *d = finish_dot(acc, w_tail, &xs[t * h + full..(t + 1) * h]);
     }
     dots
+}
+
+/// A dot product from its 32 lane sums and the products past the last full chunk, added in the
+/// one order every head kernel shares.
+#[inline(always)]
+fn finish_dot<W: HeadWeight>(lanes: &[f32; LANES], w_tail: &[W], x_tail: &[f32]) -> f32 {
+    let tail = w_tail.iter().zip(x_tail).map(|(&w, &x)| w.widen() * x);
+    lanes.iter().copied().chain(tail).sum()
 }
 
 /// The bf16 head with AVX-512 intrinsics, register-blocked: two vocabulary rows times four
@@ -604,11 +608,7 @@ unsafe fn bf16_block_avx2<const T: usize>(
             quarters[2 * half + k % 2][k / 2]
         });
         let x = &xs.x[(t0 + t) * h..(t0 + t + 1) * h];
-        let tail = row[full..]
-            .iter()
-            .zip(&x[full..])
-            .map(|(&w, &x)| w.widen() * x);
-        dots[t] = lanes.iter().copied().chain(tail).sum();
+        dots[t] = finish_dot(&lanes, &row[full..], &x[full..]);
     }
     [dots]
 }
@@ -690,11 +690,7 @@ unsafe fn bf16_block<const R: usize, const T: usize>(
             let lanes: [f32; LANES] =
                 std::array::from_fn(|l| if l % 2 == 0 { even[l / 2] } else { odd[l / 2] });
             let x = &xs.x[(t0 + t) * h..(t0 + t + 1) * h];
-            let tail = row[full..]
-                .iter()
-                .zip(&x[full..])
-                .map(|(&w, &x)| w.widen() * x);
-            dots[i][t] = lanes.iter().copied().chain(tail).sum();
+            dots[i][t] = finish_dot(&lanes, &row[full..], &x[full..]);
         }
     }
     dots
