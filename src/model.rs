@@ -9,10 +9,10 @@
 use crate::bitlinear::BitLinear;
 use crate::config::Config;
 use crate::norm::RmsNorm;
+use crate::ops::cpu::{self, AttentionShape, SeqAttention};
 use crate::profile::{timed, Stage};
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Activation, Embedding, Init, VarBuilder};
-use rayon::prelude::*;
 use std::sync::Arc;
 
 /// KV-cache capacity is allocated in steps of this many positions.
@@ -20,9 +20,11 @@ const KV_CACHE_CHUNK: usize = 256;
 
 #[derive(Debug, Clone)]
 struct RotaryEmbedding {
-    /// `[max_positions, head_dim/2]`
-    cos: Tensor,
-    sin: Tensor,
+    /// `[head_dim/2]`: each pair's angle per position.
+    inv_freq: Vec<f32>,
+    /// `[max_positions, head_dim/2]` cosines and sines in the compute dtype, for devices other
+    /// than the CPU (which takes them per step from [`Self::angles`]).
+    tables: Option<(Tensor, Tensor)>,
 }
 
 impl RotaryEmbedding {
@@ -33,23 +35,44 @@ impl RotaryEmbedding {
             .step_by(2)
             .map(|i| 1.0 / theta.powf(i as f32 / dim as f32))
             .collect();
-        let n = inv_freq.len();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, n), dev)?;
-        let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, dev)?
-            .to_dtype(DType::F32)?
-            .reshape((cfg.max_position_embeddings, 1))?;
-        let freqs = positions.matmul(&inv_freq)?;
-        Ok(Self {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
-        })
+        let mut rotary = Self {
+            inv_freq,
+            tables: None,
+        };
+        if !dev.is_cpu() {
+            let positions: Vec<usize> = (0..cfg.max_position_embeddings).collect();
+            let (cos, sin) = rotary.angles(&positions);
+            let shape = (positions.len(), rotary.inv_freq.len());
+            rotary.tables = Some((
+                Tensor::from_vec(cos, shape, dev)?.to_dtype(dtype)?,
+                Tensor::from_vec(sin, shape, dev)?.to_dtype(dtype)?,
+            ));
+        }
+        Ok(rotary)
+    }
+
+    /// Cosines and sines `[positions, head_dim/2]` of the angles at `positions`.
+    fn angles(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        let n = positions.len() * self.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        (cos, sin)
     }
 
     /// Half-split ("rotate_half") rotary embedding of `q`, `k`: `(1, heads, seq, head_dim)`.
     fn apply(&self, q: &Tensor, k: &Tensor, offset: usize) -> Result<(Tensor, Tensor)> {
+        let Some((cos, sin)) = &self.tables else {
+            bail!("rotary tables are built for devices other than the CPU")
+        };
         let seq_len = q.dim(2)?;
-        let cos = self.cos.narrow(0, offset, seq_len)?;
-        let sin = self.sin.narrow(0, offset, seq_len)?;
+        let cos = cos.narrow(0, offset, seq_len)?;
+        let sin = sin.narrow(0, offset, seq_len)?;
         let q = candle_nn::rotary_emb::rope(&q.contiguous()?, &cos, &sin)?;
         let k = candle_nn::rotary_emb::rope(&k.contiguous()?, &cos, &sin)?;
         Ok((q, k))
@@ -60,9 +83,17 @@ impl RotaryEmbedding {
 /// passes it to each forward; [`BitnetModel::new_kv_cache`] makes an empty one.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    /// Per layer: `(1, kv_heads, capacity, head_dim)` keys and values, filled up to `len`.
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerKv>,
     len: usize,
+}
+
+/// One layer's keys and values.
+#[derive(Debug, Clone)]
+enum LayerKv {
+    /// CPU: f32 `[positions, kv_heads · head_dim]` each, appended in place.
+    Host { k: Vec<f32>, v: Vec<f32> },
+    /// Other devices: `(1, kv_heads, capacity, head_dim)` each, allocated on first use.
+    Device(Option<(Tensor, Tensor)>),
 }
 
 impl KvCache {
@@ -84,17 +115,56 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
-            .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .map(|layer| match layer {
+                LayerKv::Host { k, v } => (k.capacity() + v.capacity()) * 4,
+                LayerKv::Device(kv) => kv.as_ref().map_or(0, |(k, v)| {
+                    (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()
+                }),
+            })
             .sum()
     }
 
-    /// Writes `k`, `v`: `(1, kv_heads, t, head_dim)` at positions `len..len + t` of `layer` and
-    /// returns every position so far. The cache grows in place, a chunk at a time.
-    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Writes the rows `k`, `v`: `[t, kv_width]` at positions `len..len + t` of a CPU `layer`.
+    /// Capacity grows a chunk of positions at a time.
+    fn append_host(
+        &mut self,
+        layer: usize,
+        k_rows: &[f32],
+        v_rows: &[f32],
+        kv_width: usize,
+    ) -> Result<()> {
+        let LayerKv::Host { k, v } = &mut self.layers[layer] else {
+            bail!("KV cache of layer {layer} is not on the CPU")
+        };
+        let at = self.len * kv_width;
+        let needed = at + k_rows.len();
+        for (cache, rows) in [(k, k_rows), (v, v_rows)] {
+            cache.truncate(at);
+            if needed > cache.capacity() {
+                let positions = (needed / kv_width).next_multiple_of(KV_CACHE_CHUNK);
+                cache.reserve_exact(positions * kv_width - at);
+            }
+            cache.extend_from_slice(rows);
+        }
+        Ok(())
+    }
+
+    /// A CPU layer's keys and values so far (the rows appended in this forward included).
+    fn host(&self, layer: usize) -> Result<(&[f32], &[f32])> {
+        match &self.layers[layer] {
+            LayerKv::Host { k, v } => Ok((k, v)),
+            LayerKv::Device(_) => bail!("KV cache of layer {layer} is not on the CPU"),
+        }
+    }
+
+    /// Writes `k`, `v`: `(1, kv_heads, t, head_dim)` at positions `len..len + t` of a device
+    /// `layer` and returns every position so far. The cache grows in place, a chunk at a time.
+    fn append_device(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
         let needed = self.len + t;
-        let slot = &mut self.layers[layer];
+        let LayerKv::Device(slot) = &mut self.layers[layer] else {
+            bail!("KV cache of layer {layer} is on the CPU, the activations are not")
+        };
         let capacity = slot.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
         if needed > capacity {
             let (_, n_kv, _, hd) = k.dims4()?;
@@ -122,6 +192,14 @@ struct SeqRows {
     start: usize,
     len: usize,
     offset: usize,
+}
+
+/// What every layer of one batched forward shares.
+struct Step {
+    seqs: Vec<SeqRows>,
+    /// CPU: each row's RoPE cosines and sines, `[rows, head_dim/2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 #[derive(Debug, Clone)]
@@ -168,7 +246,7 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        seqs: &[SeqRows],
+        step: &Step,
         caches: &mut [&mut KvCache],
         layer: usize,
     ) -> Result<Tensor> {
@@ -176,37 +254,111 @@ impl Attention {
         let q = self.q_proj.forward(x)?;
         let k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
-        // Sequences attend in parallel: each is a chain of small ops on its own cache.
-        let ys = timed(Stage::Attention, || {
-            seqs.par_iter()
-                .zip(caches.par_iter_mut())
-                .map(|(s, cache)| {
-                    let rows = |t: &Tensor, heads: usize| -> Result<Tensor> {
-                        // (1, t, heads·hd) → (1, heads, t, hd)
-                        t.narrow(1, s.start, s.len)?
-                            .reshape((1, s.len, heads, self.head_dim))?
-                            .transpose(1, 2)
-                    };
-                    let (q, k) = self.rotary.apply(
-                        &rows(&q, self.num_heads)?,
-                        &rows(&k, self.num_kv_heads)?,
-                        s.offset,
-                    )?;
-                    let v = rows(&v, self.num_kv_heads)?.contiguous()?;
-                    let (k, v) = cache.append(layer, &k.contiguous()?, &v)?;
-                    self.attend(&q, &k, &v, s)
-                })
-                .collect::<Result<Vec<_>>>()
+        let y = timed(Stage::Attention, || {
+            if x.device().is_cpu() {
+                self.attend_host(&q, &k, &v, step, caches, layer)
+            } else {
+                self.attend_device(&q, &k, &v, &step.seqs, caches, layer)
+            }
         })?;
-        let y = match ys.as_slice() {
-            [y] => y.clone(),
-            _ => Tensor::cat(&ys, 1)?,
-        };
         let y = match &self.attn_sub_norm {
             Some(sub_norm) => norm(sub_norm, &y)?,
             None => y,
         };
         self.o_proj.forward(&y)
+    }
+
+    fn shape(&self) -> AttentionShape {
+        AttentionShape {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
+    /// The CPU path: RoPE, cache appends and attention of every row in one pass over f32
+    /// buffers ([`cpu::attend`]); `(1, rows, heads·hd)` in q's dtype.
+    fn attend_host(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        step: &Step,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let shape = self.shape();
+        let (qw, kw, hd) = (shape.q_width(), shape.kv_width(), self.head_dim);
+        let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let (mut q_rows, mut k_rows, v_rows) = (host(q)?, host(k)?, host(v)?);
+        let half = hd / 2;
+        let angles = step.cos.chunks_exact(half).zip(step.sin.chunks_exact(half));
+        for ((q, k), (cos, sin)) in q_rows
+            .chunks_exact_mut(qw)
+            .zip(k_rows.chunks_exact_mut(kw))
+            .zip(angles)
+        {
+            cpu::rope_in_place(q, hd, cos, sin);
+            cpu::rope_in_place(k, hd, cos, sin);
+        }
+        for (s, cache) in step.seqs.iter().zip(caches.iter_mut()) {
+            let rows = s.start * kw..(s.start + s.len) * kw;
+            cache.append_host(layer, &k_rows[rows.clone()], &v_rows[rows], kw)?;
+        }
+        let seqs = step
+            .seqs
+            .iter()
+            .zip(caches.iter())
+            .map(|(s, cache)| {
+                let (k, v) = cache.host(layer)?;
+                Ok(SeqAttention {
+                    q: &q_rows[s.start * qw..(s.start + s.len) * qw],
+                    k,
+                    v,
+                    keys: s.offset + s.len,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut y = vec![0f32; q_rows.len()];
+        cpu::attend(shape, &seqs, &mut y);
+        let rows = q.dim(1)?;
+        Tensor::from_vec(y, (1, rows, qw), &Device::Cpu)?.to_dtype(q.dtype())
+    }
+
+    /// Other devices: each sequence is a chain of small ops on its own cache.
+    fn attend_device(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seqs: &[SeqRows],
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let ys = seqs
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(s, cache)| {
+                let rows = |t: &Tensor, heads: usize| -> Result<Tensor> {
+                    // (1, t, heads·hd) → (1, heads, t, hd)
+                    t.narrow(1, s.start, s.len)?
+                        .reshape((1, s.len, heads, self.head_dim))?
+                        .transpose(1, 2)
+                };
+                let (q, k) = self.rotary.apply(
+                    &rows(q, self.num_heads)?,
+                    &rows(k, self.num_kv_heads)?,
+                    s.offset,
+                )?;
+                let v = rows(v, self.num_kv_heads)?.contiguous()?;
+                let (k, v) = cache.append_device(layer, &k.contiguous()?, &v)?;
+                self.attend(&q, &k, &v, s)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        match ys.as_slice() {
+            [y] => Ok(y.clone()),
+            _ => Tensor::cat(&ys, 1),
+        }
     }
 
     /// `q: (1, heads, t, hd)` against `k`, `v`: `(1, kv_heads, T, hd)` → `(1, t, heads·hd)`.
@@ -305,13 +457,13 @@ impl DecoderLayer {
     fn forward(
         &self,
         x: &Tensor,
-        seqs: &[SeqRows],
+        step: &Step,
         caches: &mut [&mut KvCache],
         layer: usize,
     ) -> Result<Tensor> {
         let h = self
             .self_attn
-            .forward(&norm(&self.input_layernorm, x)?, seqs, caches, layer)?;
+            .forward(&norm(&self.input_layernorm, x)?, step, caches, layer)?;
         let x = (x + h)?;
         let h = self
             .mlp
@@ -344,6 +496,7 @@ pub struct SeqInput<'a> {
 pub struct BitnetModel {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
+    rotary: Arc<RotaryEmbedding>,
     norm: RmsNorm,
     /// `[vocab, hidden]`: the embedding matrix when tied.
     lm_head: Tensor,
@@ -382,6 +535,7 @@ impl BitnetModel {
         Ok(Self {
             embed_tokens: Embedding::new(embed, cfg.hidden_size),
             layers,
+            rotary,
             norm,
             lm_head,
             vocab_size: cfg.vocab_size,
@@ -414,8 +568,16 @@ impl BitnetModel {
 
     /// An empty cache for one sequence; it allocates as positions arrive.
     pub fn new_kv_cache(&self) -> KvCache {
+        let layer = if self.device.is_cpu() {
+            LayerKv::Host {
+                k: vec![],
+                v: vec![],
+            }
+        } else {
+            LayerKv::Device(None)
+        };
         KvCache {
-            layers: vec![None; self.layers.len()],
+            layers: vec![layer; self.layers.len()],
             len: 0,
         }
     }
@@ -490,18 +652,33 @@ impl BitnetModel {
             return Ok(vec![]);
         }
         let n = ids.len();
+        let step = Step {
+            cos: vec![],
+            sin: vec![],
+            seqs: rows,
+        };
+        let step = if self.device.is_cpu() {
+            let positions: Vec<usize> = (step.seqs.iter())
+                .flat_map(|s| s.offset..s.offset + s.len)
+                .collect();
+            let (cos, sin) = self.rotary.angles(&positions);
+            Step { cos, sin, ..step }
+        } else {
+            step
+        };
+        let rows = &step.seqs;
         let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
         let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
         let mut x = self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &rows, &mut caches, i)?;
+            x = layer.forward(&x, &step, &mut caches, i)?;
         }
-        for (cache, r) in caches.iter_mut().zip(&rows) {
+        for (cache, r) in caches.iter_mut().zip(rows) {
             cache.len = r.offset + r.len;
         }
         // Only the rows whose logits are wanted reach the head, in one product.
         let mut picked = Vec::new();
-        for (s, r) in seqs.iter().zip(&rows) {
+        for (s, r) in seqs.iter().zip(rows) {
             match s.logits {
                 Logits::None => {}
                 Logits::Last => picked.push((r.start + r.len - 1) as u32),
@@ -522,7 +699,7 @@ impl BitnetModel {
         let logits = timed(Stage::Head, || self.project_to_vocab(&x))?; // (n_picked, vocab)
         let mut at = 0;
         seqs.iter()
-            .zip(&rows)
+            .zip(rows)
             .map(|(s, r)| {
                 Ok(match s.logits {
                     Logits::None => None,

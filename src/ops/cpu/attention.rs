@@ -1,0 +1,361 @@
+//! Attention over f32 KV caches on the CPU, for every row of a batch in one parallel pass.
+//!
+//! Through candle ops, one sequence's attention in one layer is ~25 small ops (narrows, RoPE,
+//! cache copies, two matmuls, the softmax pieces); with 16 sequences that cost more than the
+//! arithmetic. Here a task is one query row and one KV head: it scores the row's `n_rep`
+//! query heads against the keys it may see, takes the softmax in f32 and sums the values,
+//! normalizing after the product with V as PyTorch's CPU flash attention (transformers' sdpa)
+//! does. A row's result depends only on its own sequence, so batching never changes it.
+//!
+//! Dot products use 16 f32 lanes summed in one fixed order, with FMA on AVX2 and AVX-512
+//! (the two give the same bits) and a separate multiply and add in the portable build.
+
+use super::Kernel;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// f32 lanes of the partial dot products.
+const LANES: usize = 16;
+
+/// Heads and their width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    /// Floats of one query row: `heads · head_dim`.
+    pub fn q_width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Floats of one key or value row: `kv_heads · head_dim`.
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Query heads per KV head (adjacent heads share one).
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+/// Half-split ("rotate_half") RoPE of every head in `x: [n · head_dim]`, at the angles whose
+/// cosines and sines are `cos`, `sin: [head_dim / 2]`; the same arithmetic as candle's `rope`.
+pub fn rope_in_place(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+    for head in x.chunks_exact_mut(head_dim) {
+        let (a, b) = head.split_at_mut(head_dim / 2);
+        for (((a, b), &c), &s) in a.iter_mut().zip(b).zip(cos).zip(sin) {
+            let (x1, x2) = (*a, *b);
+            *a = x1 * c - x2 * s;
+            *b = x1 * s + x2 * c;
+        }
+    }
+}
+
+/// One sequence's part of [`attend`]: its rotated query rows `q: [t, heads · hd]`, which sit
+/// at positions `keys - t .. keys`, and its cache `k`, `v: [≥ keys, kv_heads · hd]`.
+pub struct SeqAttention<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    /// Positions in the cache, the new rows' included.
+    pub keys: usize,
+}
+
+/// Causal attention of every sequence's query rows over its own cache; `y: [Σ t, heads · hd]`
+/// in the order of `seqs`. Query row `i` of `t` sees keys `0 ..= keys - t + i`.
+pub fn attend(shape: AttentionShape, seqs: &[SeqAttention], y: &mut [f32]) {
+    attend_with(Kernel::best(), shape, seqs, y)
+}
+
+/// [`attend`] with a chosen kernel (the tests compare them).
+pub fn attend_with(kernel: Kernel, shape: AttentionShape, seqs: &[SeqAttention], y: &mut [f32]) {
+    let (qw, hd, group) = (shape.q_width(), shape.head_dim, shape.group());
+    // Task i: row i / kv_heads, KV head i % kv_heads; its heads' outputs are adjacent in y.
+    let mut rows = Vec::new();
+    for (s, seq) in seqs.iter().enumerate() {
+        let t = seq.q.len() / qw;
+        rows.extend((0..t).map(|i| (s, i, seq.keys - t + i + 1)));
+    }
+    assert_eq!(y.len(), rows.len() * qw, "attention output size");
+    let scale = 1.0 / (hd as f32).sqrt();
+    y.par_chunks_mut(group * hd)
+        .enumerate()
+        .for_each(|(task, y)| {
+            let ((s, i, visible), g) = (rows[task / shape.kv_heads], task % shape.kv_heads);
+            let seq = &seqs[s];
+            let q = &seq.q[i * qw + g * group * hd..][..group * hd];
+            let job = Job {
+                shape,
+                q,
+                k: seq.k,
+                v: seq.v,
+                g,
+                scale,
+            };
+            SCORES.with_borrow_mut(|scores| {
+                scores.resize(visible, 0.0);
+                run(kernel, &job, scores, y)
+            })
+        });
+}
+
+thread_local! {
+    /// One row's attention scores, kept between tasks.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One query row's heads of KV head `g` against the keys it sees (as many as its scores).
+struct Job<'a> {
+    shape: AttentionShape,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    g: usize,
+    scale: f32,
+}
+
+fn run(kernel: Kernel, job: &Job, scores: &mut [f32], y: &mut [f32]) {
+    match kernel {
+        // SAFETY: the kernel is only picked when the CPU has its features.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Vnni => unsafe { run_avx512(job, scores, y) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => unsafe { run_avx2(job, scores, y) },
+        _ => job_body::<false>(job, scores, y),
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512F and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn run_avx512(job: &Job, scores: &mut [f32], y: &mut [f32]) {
+    job_body::<true>(job, scores, y)
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2(job: &Job, scores: &mut [f32], y: &mut [f32]) {
+    job_body::<true>(job, scores, y)
+}
+
+#[inline(always)]
+fn job_body<const FMA: bool>(job: &Job, scores: &mut [f32], y: &mut [f32]) {
+    let hd = job.shape.head_dim;
+    let kw = job.shape.kv_width();
+    let offset = job.g * hd;
+    for (q, y) in job.q.chunks_exact(hd).zip(y.chunks_exact_mut(hd)) {
+        let mut max = f32::NEG_INFINITY;
+        for (j, s) in scores.iter_mut().enumerate() {
+            let k = &job.k[j * kw + offset..][..hd];
+            *s = dot::<FMA>(q, k) * job.scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        y.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            let v = &job.v[j * kw + offset..][..hd];
+            for (y, &v) in y.iter_mut().zip(v) {
+                *y = if FMA { p.mul_add(v, *y) } else { *y + p * v };
+            }
+        }
+        let inv_sum = sum.recip();
+        for y in y.iter_mut() {
+            *y *= inv_sum;
+        }
+    }
+}
+
+/// `Σ a·b` over 16 lanes, then the lanes and the tail in order.
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (a_chunks, a_tail) = a.as_chunks::<LANES>();
+    let (b_chunks, b_tail) = b.as_chunks::<LANES>();
+    for (ac, bc) in a_chunks.iter().zip(b_chunks) {
+        for l in 0..LANES {
+            acc[l] = if FMA {
+                ac[l].mul_add(bc[l], acc[l])
+            } else {
+                acc[l] + ac[l] * bc[l]
+            };
+        }
+    }
+    let tail = a_tail.iter().zip(b_tail).map(|(&a, &b)| a * b);
+    acc.iter().copied().chain(tail).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-2.0..2.0)).collect()
+    }
+
+    /// Plain f64 attention of one row's head.
+    fn reference(shape: AttentionShape, seq: &SeqAttention, row: usize, head: usize) -> Vec<f64> {
+        let (hd, kw, qw) = (shape.head_dim, shape.kv_width(), shape.q_width());
+        let t = seq.q.len() / qw;
+        let visible = seq.keys - t + row + 1;
+        let g = head / shape.group();
+        let q = &seq.q[row * qw + head * hd..][..hd];
+        let scores: Vec<f64> = (0..visible)
+            .map(|j| {
+                let k = &seq.k[j * kw + g * hd..][..hd];
+                q.iter()
+                    .zip(k)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+                    / (hd as f64).sqrt()
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        (0..hd)
+            .map(|d| {
+                (0..visible)
+                    .map(|j| e[j] * seq.v[j * kw + g * hd + d] as f64)
+                    .sum::<f64>()
+                    / sum
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_kernel_matches_f64_attention_and_simd_kernels_agree() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for shape in [
+            AttentionShape {
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 16,
+            },
+            AttentionShape {
+                heads: 3,
+                kv_heads: 3,
+                head_dim: 20,
+            },
+            AttentionShape {
+                heads: 8,
+                kv_heads: 1,
+                head_dim: 40,
+            },
+        ] {
+            // (new rows, positions cached before them)
+            let lens = [(1, 0), (1, 37), (5, 0), (3, 11), (1, 300)];
+            let data: Vec<_> = lens
+                .iter()
+                .map(|&(t, before)| {
+                    let keys = before + t;
+                    let q = random(&mut rng, t * shape.q_width());
+                    let k = random(&mut rng, (keys + 3) * shape.kv_width());
+                    let v = random(&mut rng, (keys + 3) * shape.kv_width());
+                    (q, k, v, keys)
+                })
+                .collect();
+            let seqs: Vec<SeqAttention> = data
+                .iter()
+                .map(|(q, k, v, keys)| SeqAttention {
+                    q,
+                    k,
+                    v,
+                    keys: *keys,
+                })
+                .collect();
+            let rows: usize = lens.iter().map(|l| l.0).sum();
+            let mut outputs = vec![];
+            for &kernel in Kernel::available() {
+                let mut y = vec![f32::NAN; rows * shape.q_width()];
+                attend_with(kernel, shape, &seqs, &mut y);
+                let mut at = 0;
+                for seq in &seqs {
+                    for row in 0..seq.q.len() / shape.q_width() {
+                        for head in 0..shape.heads {
+                            let want = reference(shape, seq, row, head);
+                            let got = &y[at + head * shape.head_dim..][..shape.head_dim];
+                            for (g, w) in got.iter().zip(&want) {
+                                assert!(
+                                    (*g as f64 - w).abs() < 1e-5 * (1.0 + w.abs()),
+                                    "{kernel:?} {shape:?}: {g} vs {w}"
+                                );
+                            }
+                        }
+                        at += shape.q_width();
+                    }
+                }
+                if kernel != Kernel::Portable {
+                    outputs.push((kernel, y));
+                }
+            }
+            for pair in outputs.windows(2) {
+                let same = pair[0]
+                    .1
+                    .iter()
+                    .zip(&pair[1].1)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{:?} and {:?} differ", pair[0].0, pair[1].0);
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_the_other_sequences() {
+        let mut rng = StdRng::seed_from_u64(6);
+        let shape = AttentionShape {
+            heads: 4,
+            kv_heads: 1,
+            head_dim: 32,
+        };
+        let (q, k, v) = (
+            random(&mut rng, 128),
+            random(&mut rng, 64 * 32),
+            random(&mut rng, 64 * 32),
+        );
+        let (q2, k2) = (random(&mut rng, 3 * 128), random(&mut rng, 64 * 32));
+        let alone = SeqAttention {
+            q: &q,
+            k: &k,
+            v: &v,
+            keys: 50,
+        };
+        let other = SeqAttention {
+            q: &q2,
+            k: &k2,
+            v: &v,
+            keys: 9,
+        };
+        let mut y1 = vec![0f32; 128];
+        attend(shape, &[alone], &mut y1);
+        let alone = SeqAttention {
+            q: &q,
+            k: &k,
+            v: &v,
+            keys: 50,
+        };
+        let mut y2 = vec![0f32; 4 * 128];
+        attend(shape, &[other, alone], &mut y2);
+        assert_eq!(y1, y2[3 * 128..]);
+    }
+
+    #[test]
+    fn rope_matches_the_rotation() {
+        let mut x = vec![1.0, 2.0, 3.0, 4.0];
+        let (c, s) = (0.6f32, 0.8f32);
+        rope_in_place(&mut x, 4, &[c, 1.0], &[s, 0.0]);
+        assert_eq!(x, vec![1.0 * c - 3.0 * s, 2.0, 1.0 * s + 3.0 * c, 4.0]);
+    }
+}
