@@ -97,7 +97,7 @@ pub fn attend_with(kernel: Kernel, shape: AttentionShape, seqs: &[SeqAttention],
                 scale,
             };
             SCORES.with_borrow_mut(|scores| {
-                scores.resize(visible, 0.0);
+                scores.resize(group * visible, 0.0);
                 run(kernel, &job, scores, y)
             })
         });
@@ -149,26 +149,26 @@ unsafe fn run_avx2(job: &Job, scores: &mut [f32], y: &mut [f32]) {
 #[inline(always)]
 fn job_body<const FMA: bool>(job: &Job, scores: &mut [f32], y: &mut [f32]) {
     let hd = job.shape.head_dim;
-    let kw = job.shape.kv_width();
-    let offset = job.g * hd;
-    for (q, y) in job.q.chunks_exact(hd).zip(y.chunks_exact_mut(hd)) {
-        let mut max = f32::NEG_INFINITY;
-        for (j, s) in scores.iter_mut().enumerate() {
-            let k = &job.k[j * kw + offset..][..hd];
-            *s = dot::<FMA>(q, k) * job.scale;
-            max = max.max(*s);
+    let (kw, offset) = (job.shape.kv_width(), job.g * hd);
+    let visible = scores.len() / job.shape.group();
+    // Each key row is read once for all the heads that share it.
+    for j in 0..visible {
+        let k = &job.k[j * kw + offset..][..hd];
+        for (r, q) in job.q.chunks_exact(hd).enumerate() {
+            scores[r * visible + j] = dot::<FMA>(q, k) * job.scale;
         }
+    }
+    for (p, y) in scores.chunks_exact_mut(visible).zip(y.chunks_exact_mut(hd)) {
+        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
-        for s in scores.iter_mut() {
+        for s in p.iter_mut() {
             *s = (*s - max).exp();
             sum += *s;
         }
-        y.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            let v = &job.v[j * kw + offset..][..hd];
-            for (y, &v) in y.iter_mut().zip(v) {
-                *y = if FMA { p.mul_add(v, *y) } else { *y + p * v };
-            }
+        match hd {
+            128 => weigh_values::<FMA, 128>(p, job.v, kw, offset, y),
+            64 => weigh_values::<FMA, 64>(p, job.v, kw, offset, y),
+            _ => weigh_values::<FMA, 0>(p, job.v, kw, offset, y),
         }
         let inv_sum = sum.recip();
         for y in y.iter_mut() {
@@ -177,7 +177,45 @@ fn job_body<const FMA: bool>(job: &Job, scores: &mut [f32], y: &mut [f32]) {
     }
 }
 
-/// `Σ a·b` over 16 lanes, then the lanes and the tail in order.
+/// `y = Σ_j p[j] · V[j]` over the head at `offset` of each value row (`kw` floats apart).
+/// A known width (`HD > 0`) keeps the sums in registers across the keys.
+#[inline(always)]
+fn weigh_values<const FMA: bool, const HD: usize>(
+    p: &[f32],
+    v: &[f32],
+    kw: usize,
+    offset: usize,
+    y: &mut [f32],
+) {
+    let fma = |a: f32, p: f32, v: f32| if FMA { p.mul_add(v, a) } else { a + p * v };
+    if HD == 0 {
+        return weigh_into(p, v, kw, offset, y, fma);
+    }
+    let mut acc = [0f32; HD];
+    weigh_into(p, v, kw, offset, &mut acc, fma);
+    y.copy_from_slice(&acc);
+}
+
+#[inline(always)]
+fn weigh_into(
+    p: &[f32],
+    v: &[f32],
+    kw: usize,
+    offset: usize,
+    acc: &mut [f32],
+    fma: impl Fn(f32, f32, f32) -> f32,
+) {
+    let hd = acc.len();
+    acc.fill(0.0);
+    for (j, &p) in p.iter().enumerate() {
+        let v = &v[j * kw + offset..][..hd];
+        for (a, &v) in acc.iter_mut().zip(v) {
+            *a = fma(*a, p, v);
+        }
+    }
+}
+
+/// `Σ a·b` over 16 lanes, the lanes folded in halves, then the tail in order.
 #[inline(always)]
 fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
@@ -192,8 +230,17 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
             };
         }
     }
-    let tail = a_tail.iter().zip(b_tail).map(|(&a, &b)| a * b);
-    acc.iter().copied().chain(tail).sum()
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
+    }
+    a_tail
+        .iter()
+        .zip(b_tail)
+        .fold(acc[0], |s, (&a, &b)| s + a * b)
 }
 
 #[cfg(test)]
