@@ -158,6 +158,71 @@ impl BitLinear {
     }
 }
 
+/// Projections of one input (q, k and v; gate and up), run on the CPU as one op: the input is
+/// quantized once and one parallel pass over their tiles serves them all. Elsewhere (or with
+/// per-projection input norms, or dense weights) each part runs on its own.
+#[derive(Debug, Clone)]
+pub struct BitLinearGroup {
+    parts: Vec<BitLinear>,
+    /// CPU: the parts' tiles side by side (the parts then hold none).
+    tiles: Option<Arc<TernaryTiles>>,
+}
+
+impl BitLinearGroup {
+    pub fn new(mut parts: Vec<BitLinear>) -> Result<Self> {
+        let fusable = parts
+            .iter()
+            .all(|p| p.input_norm.is_none() && p.dense.is_none());
+        let tiles: Option<Vec<&TernaryTiles>> = parts.iter().map(|p| p.tiles.as_deref()).collect();
+        let tiles = match tiles {
+            Some(tiles) if fusable && parts.len() > 1 => {
+                Some(Arc::new(TernaryTiles::concat(&tiles)?))
+            }
+            _ => None,
+        };
+        if tiles.is_some() {
+            for p in &mut parts {
+                p.tiles = None;
+            }
+        }
+        Ok(Self { parts, tiles })
+    }
+
+    /// The projections, in order.
+    pub fn parts(&self) -> &[BitLinear] {
+        &self.parts
+    }
+
+    /// Each part's output of `x: [.., in]`, in order.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let Some(tiles) = &self.tiles else {
+            return self.parts.iter().map(|p| p.forward(x)).collect();
+        };
+        let w_divs: Vec<f32> = self.parts.iter().map(|p| p.w_div).collect();
+        let y = crate::profile::timed(crate::profile::Stage::Projections, || {
+            crate::ops::bitlinear_segments(x, tiles, &w_divs)
+        })?;
+        let mut at = 0;
+        self.parts
+            .iter()
+            .map(|p| {
+                at += p.out_features;
+                y.narrow(D::Minus1, at - p.out_features, p.out_features)
+            })
+            .collect()
+    }
+
+    /// The dense baseline of every part ([`BitLinear::to_dense`]), run one by one.
+    pub fn to_dense(&self, dtype: DType) -> Result<Self> {
+        let parts = self
+            .parts
+            .iter()
+            .map(|p| p.to_dense(dtype))
+            .collect::<Result<_>>()?;
+        Ok(Self { parts, tiles: None })
+    }
+}
+
 /// Per-token absmax int8 fake quantization with candle ops (`x_q / s_x`), for the dense baseline.
 fn fake_quantize(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();

@@ -6,7 +6,7 @@
 //! o_proj → +x → RMSNorm → relu²(gate)·up → ffn_sub_norm → down_proj → +x`, then the final norm
 //! and the (tied) head. Sub-norms exist only for `model_type: "bitnet"`.
 
-use crate::bitlinear::BitLinear;
+use crate::bitlinear::{BitLinear, BitLinearGroup};
 use crate::config::Config;
 use crate::norm::RmsNorm;
 use crate::ops::cpu::{self, AttentionShape, SeqAttention};
@@ -204,9 +204,8 @@ struct Step {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: BitLinear,
-    k_proj: BitLinear,
-    v_proj: BitLinear,
+    /// q, k and v.
+    qkv: BitLinearGroup,
     o_proj: BitLinear,
     attn_sub_norm: Option<RmsNorm>,
     num_heads: usize,
@@ -229,9 +228,11 @@ impl Attention {
             None
         };
         Ok(Self {
-            q_proj: BitLinear::new(h, n_h * hd, cfg, vb.pp("q_proj"))?,
-            k_proj: BitLinear::new(h, n_kv * hd, cfg, vb.pp("k_proj"))?,
-            v_proj: BitLinear::new(h, n_kv * hd, cfg, vb.pp("v_proj"))?,
+            qkv: BitLinearGroup::new(vec![
+                BitLinear::new(h, n_h * hd, cfg, vb.pp("q_proj"))?,
+                BitLinear::new(h, n_kv * hd, cfg, vb.pp("k_proj"))?,
+                BitLinear::new(h, n_kv * hd, cfg, vb.pp("v_proj"))?,
+            ])?,
             o_proj: BitLinear::new(n_h * hd, h, cfg, vb.pp("o_proj"))?,
             attn_sub_norm,
             num_heads: n_h,
@@ -251,9 +252,8 @@ impl Attention {
         layer: usize,
     ) -> Result<Tensor> {
         // (1, rows, heads·hd), projected once for the whole batch.
-        let q = self.q_proj.forward(x)?;
-        let k = self.k_proj.forward(x)?;
-        let v = self.v_proj.forward(x)?;
+        let [q, k, v] = <[Tensor; 3]>::try_from(self.qkv.forward(x)?)
+            .map_err(|_| candle_core::Error::Msg("q/k/v: three projections expected".into()))?;
         let y = timed(Stage::Attention, || {
             if x.device().is_cpu() {
                 self.attend_host(&q, &k, &v, step, caches, layer)
@@ -398,8 +398,8 @@ impl Attention {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: BitLinear,
-    up_proj: BitLinear,
+    /// gate and up.
+    gate_up: BitLinearGroup,
     down_proj: BitLinear,
     ffn_sub_norm: Option<RmsNorm>,
     act: Activation,
@@ -414,8 +414,10 @@ impl Mlp {
             None
         };
         Ok(Self {
-            gate_proj: BitLinear::new(h, i, cfg, vb.pp("gate_proj"))?,
-            up_proj: BitLinear::new(h, i, cfg, vb.pp("up_proj"))?,
+            gate_up: BitLinearGroup::new(vec![
+                BitLinear::new(h, i, cfg, vb.pp("gate_proj"))?,
+                BitLinear::new(h, i, cfg, vb.pp("up_proj"))?,
+            ])?,
             down_proj: BitLinear::new(i, h, cfg, vb.pp("down_proj"))?,
             ffn_sub_norm,
             act: cfg.activation(),
@@ -425,8 +427,9 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.apply(&self.act)?;
-        let y = (gate * self.up_proj.forward(x)?)?;
+        let [gate, up] = <[Tensor; 2]>::try_from(self.gate_up.forward(x)?)
+            .map_err(|_| candle_core::Error::Msg("gate/up: two projections expected".into()))?;
+        let y = (gate.apply(&self.act)? * up)?;
         let y = match &self.ffn_sub_norm {
             Some(sub_norm) => norm(sub_norm, &y)?,
             None => y,
@@ -588,15 +591,10 @@ impl BitnetModel {
             .iter()
             .flat_map(|l| {
                 let (a, m) = (&l.self_attn, &l.mlp);
-                [
-                    &a.q_proj,
-                    &a.k_proj,
-                    &a.v_proj,
-                    &a.o_proj,
-                    &m.gate_proj,
-                    &m.up_proj,
-                    &m.down_proj,
-                ]
+                (a.qkv.parts().iter())
+                    .chain([&a.o_proj])
+                    .chain(m.gate_up.parts())
+                    .chain([&m.down_proj])
             })
             .collect()
     }
@@ -607,15 +605,9 @@ impl BitnetModel {
         let mut dense = self.clone();
         for layer in &mut dense.layers {
             let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
-            for p in [
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.down_proj,
-            ] {
+            a.qkv = a.qkv.to_dense(dtype)?;
+            m.gate_up = m.gate_up.to_dense(dtype)?;
+            for p in [&mut a.o_proj, &mut m.down_proj] {
                 *p = p.to_dense(dtype)?;
             }
         }

@@ -83,6 +83,39 @@ impl TernaryTiles {
         })
     }
 
+    /// Several projections' tiles of the same input side by side, as [`Self::from_segments`]
+    /// lays them out (each segment starts on a tile of its own, so the blocks just follow).
+    pub fn concat(parts: &[&TernaryTiles]) -> Result<Self> {
+        let Some(first) = parts.first() else {
+            bail!("ternary tiles: no projections")
+        };
+        let in_features = first.in_features;
+        if let Some(p) = parts.iter().find(|p| p.in_features != in_features) {
+            bail!(
+                "ternary tiles: inputs of {} and {in_features} features cannot share tiles",
+                p.in_features
+            )
+        }
+        let mut tiles = Self {
+            blocks: Vec::with_capacity(parts.iter().map(|p| p.blocks.len()).sum()),
+            in_features,
+            segments: vec![],
+            tile_outputs: vec![],
+            steps: first.steps,
+        };
+        let mut col = 0;
+        for part in parts {
+            let segment0 = tiles.segments.len();
+            tiles.blocks.extend_from_slice(&part.blocks);
+            tiles.tile_outputs.extend(
+                (part.tile_outputs.iter()).map(|&(seg, c, rows)| (segment0 + seg, col + c, rows)),
+            );
+            tiles.segments.extend_from_slice(&part.segments);
+            col += part.out_features();
+        }
+        Ok(tiles)
+    }
+
     pub fn in_features(&self) -> usize {
         self.in_features
     }
@@ -217,6 +250,38 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn concatenated_tiles_are_the_segments_tiles() -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(12);
+        let inp = 70;
+        let parts: Vec<(Vec<u8>, usize)> = [132, 4, 64]
+            .iter()
+            .map(|&out| {
+                let values: Vec<i8> = (0..out * inp).map(|_| rng.random_range(-1..=1)).collect();
+                Ok((pack_ternary(&values, out, inp)?, out))
+            })
+            .collect::<Result<_>>()?;
+        let segments: Vec<(&[u8], usize)> = parts.iter().map(|(p, o)| (&p[..], *o)).collect();
+        let want = TernaryTiles::from_segments(&segments, inp)?;
+        let singles = (segments
+            .iter()
+            .map(|&(p, o)| TernaryTiles::from_packed(p, inp, o)))
+        .collect::<Result<Vec<_>>>()?;
+        let got = TernaryTiles::concat(&singles.iter().collect::<Vec<_>>())?;
+        assert_eq!(got.segments(), want.segments());
+        assert_eq!(got.tile_outputs, want.tile_outputs);
+        assert_eq!(
+            got.tile_bytes(0..got.tiles()),
+            want.tile_bytes(0..want.tiles())
+        );
+        let other = TernaryTiles::from_packed(&parts[1].0[..4], 4, 4)?;
+        let err = TernaryTiles::concat(&[&singles[0], &other])
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.unwrap_or_default().contains("cannot share tiles"));
         Ok(())
     }
 
