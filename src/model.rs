@@ -629,6 +629,11 @@ impl BitnetModel {
     /// logits as asked for by [`SeqInput::logits`]. On the CPU a sequence's logits are the
     /// same, bit for bit, whatever else is in the batch.
     pub fn forward_batch(&self, seqs: &mut [SeqInput]) -> Result<Vec<Option<Tensor>>> {
+        if self.device.is_cpu() && rayon::current_thread_index().is_none() {
+            // From a pool thread, the step's parallel ops keep the workers awake between them;
+            // called from outside, every op would put the caller to sleep and wake it again.
+            return rayon::scope(|_| self.forward_batch(seqs));
+        }
         let mut rows = Vec::with_capacity(seqs.len());
         let mut ids = Vec::new();
         for s in seqs.iter() {
