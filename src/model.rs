@@ -429,7 +429,12 @@ impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let [gate, up] = <[Tensor; 2]>::try_from(self.gate_up.forward(x)?)
             .map_err(|_| candle_core::Error::Msg("gate/up: two projections expected".into()))?;
-        let y = (gate.apply(&self.act)? * up)?;
+        let y = match self.act {
+            Activation::Relu2 if gate.device().is_cpu() => {
+                gate.apply_op2_no_bwd(&up, &cpu::Relu2Product)?
+            }
+            _ => (gate.apply(&self.act)? * up)?,
+        };
         let y = match &self.ffn_sub_norm {
             Some(sub_norm) => norm(sub_norm, &y)?,
             None => y,

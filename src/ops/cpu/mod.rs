@@ -15,12 +15,14 @@
 //! The kernel is picked once per process ([`Kernel::best`]); [`bitlinear_with`] forces one, so
 //! the tests cover every variant the CPU can run.
 
+mod activation;
 mod attention;
 mod head;
 mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use activation::Relu2Product;
 pub use attention::{attend, attend_with, rope_in_place, AttentionShape, SeqAttention};
 pub use head::{matmul_bf16, matmul_int8, Int8Head, MatmulBf16Weight, MatmulInt8Head};
 use tiles::BLOCK_BYTES;
