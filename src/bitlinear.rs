@@ -198,10 +198,44 @@ impl BitLinearGroup {
         let Some(tiles) = &self.tiles else {
             return self.parts.iter().map(|p| p.forward(x)).collect();
         };
-        let w_divs: Vec<f32> = self.parts.iter().map(|p| p.w_div).collect();
         let y = crate::profile::timed(crate::profile::Stage::Projections, || {
-            crate::ops::bitlinear_segments(x, tiles, &w_divs)
+            crate::ops::bitlinear_segments(x, tiles, &self.w_divs())
         })?;
+        self.split(&y)
+    }
+
+    /// Each part's output of `norm(x)`. On the CPU in f32 the norm is fused with the
+    /// activations' quantization (same bits, no normalized tensor; timed as a projection).
+    pub fn forward_normed(&self, x: &Tensor, norm: &RmsNorm) -> Result<Vec<Tensor>> {
+        match &self.tiles {
+            Some(tiles) if x.dtype() == DType::F32 && norm.weight().dtype() == DType::F32 => {
+                let y = crate::profile::timed(crate::profile::Stage::Projections, || {
+                    crate::ops::rms_norm_bitlinear(
+                        x,
+                        norm.weight(),
+                        norm.eps(),
+                        tiles,
+                        &self.w_divs(),
+                    )
+                })?;
+                self.split(&y)
+            }
+            _ => {
+                let x = crate::profile::timed(crate::profile::Stage::Norms, || norm.forward(x))?;
+                self.forward(&x)
+            }
+        }
+    }
+
+    fn w_divs(&self) -> Vec<f32> {
+        self.parts.iter().map(|p| p.w_div).collect()
+    }
+
+    /// The joint output `[.., Σ out]` cut into the parts' outputs.
+    fn split(&self, y: &Tensor) -> Result<Vec<Tensor>> {
+        if let [_] = self.parts.as_slice() {
+            return Ok(vec![y.clone()]);
+        }
         let mut at = 0;
         self.parts
             .iter()

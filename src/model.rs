@@ -206,7 +206,7 @@ struct Step {
 struct Attention {
     /// q, k and v.
     qkv: BitLinearGroup,
-    o_proj: BitLinear,
+    o_proj: BitLinearGroup,
     attn_sub_norm: Option<RmsNorm>,
     num_heads: usize,
     num_kv_heads: usize,
@@ -233,7 +233,7 @@ impl Attention {
                 BitLinear::new(h, n_kv * hd, cfg, vb.pp("k_proj"))?,
                 BitLinear::new(h, n_kv * hd, cfg, vb.pp("v_proj"))?,
             ])?,
-            o_proj: BitLinear::new(n_h * hd, h, cfg, vb.pp("o_proj"))?,
+            o_proj: BitLinearGroup::new(vec![BitLinear::new(n_h * hd, h, cfg, vb.pp("o_proj"))?])?,
             attn_sub_norm,
             num_heads: n_h,
             num_kv_heads: n_kv,
@@ -242,18 +242,18 @@ impl Attention {
         })
     }
 
-    /// `x: (1, rows, hidden)` holding every sequence's rows; each sequence attends over its own
-    /// cache, so its result does not depend on the others in the batch.
+    /// `x: (1, rows, hidden)` holding every sequence's rows, before `input_norm`; each sequence
+    /// attends over its own cache, so its result does not depend on the others in the batch.
     fn forward(
         &self,
         x: &Tensor,
+        input_norm: &RmsNorm,
         step: &Step,
         caches: &mut [&mut KvCache],
         layer: usize,
     ) -> Result<Tensor> {
         // (1, rows, heads·hd), projected once for the whole batch.
-        let [q, k, v] = <[Tensor; 3]>::try_from(self.qkv.forward(x)?)
-            .map_err(|_| candle_core::Error::Msg("q/k/v: three projections expected".into()))?;
+        let [q, k, v] = outputs(self.qkv.forward_normed(x, input_norm)?)?;
         let y = timed(Stage::Attention, || {
             if x.device().is_cpu() {
                 self.attend_host(&q, &k, &v, step, caches, layer)
@@ -261,11 +261,8 @@ impl Attention {
                 self.attend_device(&q, &k, &v, &step.seqs, caches, layer)
             }
         })?;
-        let y = match &self.attn_sub_norm {
-            Some(sub_norm) => norm(sub_norm, &y)?,
-            None => y,
-        };
-        self.o_proj.forward(&y)
+        let [y] = outputs(project(&self.o_proj, &y, self.attn_sub_norm.as_ref())?)?;
+        Ok(y)
     }
 
     fn shape(&self) -> AttentionShape {
@@ -400,7 +397,7 @@ impl Attention {
 struct Mlp {
     /// gate and up.
     gate_up: BitLinearGroup,
-    down_proj: BitLinear,
+    down_proj: BitLinearGroup,
     ffn_sub_norm: Option<RmsNorm>,
     act: Activation,
 }
@@ -418,28 +415,25 @@ impl Mlp {
                 BitLinear::new(h, i, cfg, vb.pp("gate_proj"))?,
                 BitLinear::new(h, i, cfg, vb.pp("up_proj"))?,
             ])?,
-            down_proj: BitLinear::new(i, h, cfg, vb.pp("down_proj"))?,
+            down_proj: BitLinearGroup::new(vec![BitLinear::new(i, h, cfg, vb.pp("down_proj"))?])?,
             ffn_sub_norm,
             act: cfg.activation(),
         })
     }
 }
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let [gate, up] = <[Tensor; 2]>::try_from(self.gate_up.forward(x)?)
-            .map_err(|_| candle_core::Error::Msg("gate/up: two projections expected".into()))?;
+impl Mlp {
+    /// `x` before `input_norm`.
+    fn forward(&self, x: &Tensor, input_norm: &RmsNorm) -> Result<Tensor> {
+        let [gate, up] = outputs(self.gate_up.forward_normed(x, input_norm)?)?;
         let y = match self.act {
             Activation::Relu2 if gate.device().is_cpu() => {
                 gate.apply_op2_no_bwd(&up, &cpu::Relu2Product)?
             }
             _ => (gate.apply(&self.act)? * up)?,
         };
-        let y = match &self.ffn_sub_norm {
-            Some(sub_norm) => norm(sub_norm, &y)?,
-            None => y,
-        };
-        self.down_proj.forward(&y)
+        let [y] = outputs(project(&self.down_proj, &y, self.ffn_sub_norm.as_ref())?)?;
+        Ok(y)
     }
 }
 
@@ -469,13 +463,9 @@ impl DecoderLayer {
         caches: &mut [&mut KvCache],
         layer: usize,
     ) -> Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&norm(&self.input_layernorm, x)?, step, caches, layer)?;
+        let h = (self.self_attn).forward(x, &self.input_layernorm, step, caches, layer)?;
         let x = (x + h)?;
-        let h = self
-            .mlp
-            .forward(&norm(&self.post_attention_layernorm, &x)?)?;
+        let h = self.mlp.forward(&x, &self.post_attention_layernorm)?;
         x + h
     }
 }
@@ -597,9 +587,9 @@ impl BitnetModel {
             .flat_map(|l| {
                 let (a, m) = (&l.self_attn, &l.mlp);
                 (a.qkv.parts().iter())
-                    .chain([&a.o_proj])
+                    .chain(a.o_proj.parts())
                     .chain(m.gate_up.parts())
-                    .chain([&m.down_proj])
+                    .chain(m.down_proj.parts())
             })
             .collect()
     }
@@ -612,9 +602,8 @@ impl BitnetModel {
             let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
             a.qkv = a.qkv.to_dense(dtype)?;
             m.gate_up = m.gate_up.to_dense(dtype)?;
-            for p in [&mut a.o_proj, &mut m.down_proj] {
-                *p = p.to_dense(dtype)?;
-            }
+            a.o_proj = a.o_proj.to_dense(dtype)?;
+            m.down_proj = m.down_proj.to_dense(dtype)?;
         }
         Ok(dense)
     }
@@ -829,6 +818,21 @@ impl BitnetForCausalLM {
         }
         Tensor::stack(&out, 0)
     }
+}
+
+/// A group's outputs of `x`, through `norm` first when there is one.
+fn project(group: &BitLinearGroup, x: &Tensor, norm: Option<&RmsNorm>) -> Result<Vec<Tensor>> {
+    match norm {
+        Some(norm) => group.forward_normed(x, norm),
+        None => group.forward(x),
+    }
+}
+
+/// A group's outputs as an array of the size the caller knows it has.
+fn outputs<const N: usize>(ys: Vec<Tensor>) -> Result<[Tensor; N]> {
+    let n = ys.len();
+    <[Tensor; N]>::try_from(ys)
+        .map_err(|_| candle_core::Error::Msg(format!("{n} projections, expected {N}")))
 }
 
 /// An RMSNorm outside the projections, timed as [`Stage::Norms`].

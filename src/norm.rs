@@ -26,6 +26,15 @@ impl RmsNorm {
             eps,
         })
     }
+
+    /// `[size]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
 }
 
 impl Module for RmsNorm {
