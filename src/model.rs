@@ -13,7 +13,7 @@ use crate::ops::cpu::{self, AttentionShape, SeqAttention};
 use crate::profile::{timed, Stage};
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Activation, Embedding, Init, VarBuilder};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// KV-cache capacity is allocated in steps of this many positions.
 const KV_CACHE_CHUNK: usize = 256;
@@ -22,9 +22,12 @@ const KV_CACHE_CHUNK: usize = 256;
 struct RotaryEmbedding {
     /// `[head_dim/2]`: each pair's angle per position.
     inv_freq: Vec<f32>,
-    /// `[max_positions, head_dim/2]` cosines and sines in the compute dtype, for devices other
-    /// than the CPU (which takes them per step from [`Self::angles`]).
-    tables: Option<(Tensor, Tensor)>,
+    max_positions: usize,
+    dtype: DType,
+    device: Device,
+    /// `[max_positions, head_dim/2]` cosines and sines in `dtype` for the tensor path (other
+    /// devices), built on first use; the CPU path takes them per step from [`Self::angles`].
+    tables: OnceLock<(Tensor, Tensor)>,
 }
 
 impl RotaryEmbedding {
@@ -35,20 +38,31 @@ impl RotaryEmbedding {
             .step_by(2)
             .map(|i| 1.0 / theta.powf(i as f32 / dim as f32))
             .collect();
-        let mut rotary = Self {
+        let rotary = Self {
             inv_freq,
-            tables: None,
+            max_positions: cfg.max_position_embeddings,
+            dtype,
+            device: dev.clone(),
+            tables: OnceLock::new(),
         };
         if !dev.is_cpu() {
-            let positions: Vec<usize> = (0..cfg.max_position_embeddings).collect();
-            let (cos, sin) = rotary.angles(&positions);
-            let shape = (positions.len(), rotary.inv_freq.len());
-            rotary.tables = Some((
-                Tensor::from_vec(cos, shape, dev)?.to_dtype(dtype)?,
-                Tensor::from_vec(sin, shape, dev)?.to_dtype(dtype)?,
-            ));
+            rotary.tables()?;
         }
         Ok(rotary)
+    }
+
+    fn tables(&self) -> Result<&(Tensor, Tensor)> {
+        if let Some(tables) = self.tables.get() {
+            return Ok(tables);
+        }
+        let positions: Vec<usize> = (0..self.max_positions).collect();
+        let (cos, sin) = self.angles(&positions);
+        let shape = (positions.len(), self.inv_freq.len());
+        let tables = (
+            Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?,
+            Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?,
+        );
+        Ok(self.tables.get_or_init(|| tables))
     }
 
     /// Cosines and sines `[positions, head_dim/2]` of the angles at `positions`.
@@ -67,9 +81,7 @@ impl RotaryEmbedding {
 
     /// Half-split ("rotate_half") rotary embedding of `q`, `k`: `(1, heads, seq, head_dim)`.
     fn apply(&self, q: &Tensor, k: &Tensor, offset: usize) -> Result<(Tensor, Tensor)> {
-        let Some((cos, sin)) = &self.tables else {
-            bail!("rotary tables are built for devices other than the CPU")
-        };
+        let (cos, sin) = self.tables()?;
         let seq_len = q.dim(2)?;
         let cos = cos.narrow(0, offset, seq_len)?;
         let sin = sin.narrow(0, offset, seq_len)?;
@@ -254,8 +266,11 @@ impl Attention {
     ) -> Result<Tensor> {
         // (1, rows, heads·hd), projected once for the whole batch.
         let [q, k, v] = outputs(self.qkv.forward_normed(x, input_norm)?)?;
+        let host = caches
+            .first()
+            .is_some_and(|c| matches!(c.layers[layer], LayerKv::Host { .. }));
         let y = timed(Stage::Attention, || {
-            if x.device().is_cpu() {
+            if host {
                 self.attend_host(&q, &k, &v, step, caches, layer)
             } else {
                 self.attend_device(&q, &k, &v, &step.seqs, caches, layer)
@@ -566,7 +581,19 @@ impl BitnetModel {
 
     /// An empty cache for one sequence; it allocates as positions arrive.
     pub fn new_kv_cache(&self) -> KvCache {
-        let layer = if self.device.is_cpu() {
+        self.kv_cache(self.device.is_cpu())
+    }
+
+    /// A cache for the op-chain attention other devices run, on any device: the CPU tests
+    /// check that path against the CPU's own.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn new_tensor_kv_cache(&self) -> KvCache {
+        self.kv_cache(false)
+    }
+
+    fn kv_cache(&self, host: bool) -> KvCache {
+        let layer = if host {
             LayerKv::Host {
                 k: vec![],
                 v: vec![],

@@ -2,7 +2,9 @@
 
 mod common;
 
+use candle_bitnet::model::SeqInput;
 use candle_bitnet::weights::load_model_dir;
+use candle_bitnet::{KvCache, Logits};
 use candle_core::{DType, Device, Result, Tensor};
 use common::{assert_batch_matches_single, assert_logits_close, fixture_dir, Expected, PROMPTS};
 
@@ -80,4 +82,57 @@ fn prefill_then_cached_decode_matches_reference() -> Result<()> {
 fn a_batch_of_prompts_matches_each_prompt_alone() -> Result<()> {
     let (_, mut model) = load_model_dir(&fixture_dir(), DType::F32, &Device::Cpu)?;
     assert_batch_matches_single(&mut model, 1e-5)
+}
+
+#[test]
+fn the_op_chain_attention_of_other_devices_matches_the_cpu_path() -> Result<()> {
+    // Other devices attend through candle ops on tensor caches; run that path here on the CPU
+    // against the CPU's own, over a batch of two prompts then greedy decode steps.
+    let expected = Expected::load()?;
+    let (_, model) = load_model_dir(&fixture_dir(), DType::F32, &Device::Cpu)?;
+    let model = model.model().clone();
+    let prompts: Vec<Vec<u32>> = PROMPTS[..2]
+        .iter()
+        .map(|p| expected.ids(p, "prompt_ids"))
+        .collect();
+    let run = |caches: &mut Vec<KvCache>| -> Result<(Vec<f32>, Vec<Vec<u32>>)> {
+        let mut logits = vec![];
+        let mut ids: Vec<Vec<u32>> = prompts.clone();
+        let mut generated = vec![vec![]; prompts.len()];
+        for _ in 0..6 {
+            let mut seqs: Vec<SeqInput> = ids
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(ids, cache)| SeqInput {
+                    ids,
+                    cache,
+                    logits: Logits::Last,
+                })
+                .collect();
+            let out = model.forward_batch(&mut seqs)?;
+            ids = vec![];
+            for (l, g) in out.into_iter().zip(&mut generated) {
+                let l = l.expect("logits were asked for");
+                let next = l.argmax(0)?.to_scalar::<u32>()?;
+                logits.extend(l.to_vec1::<f32>()?);
+                g.push(next);
+                ids.push(vec![next]);
+            }
+        }
+        Ok((logits, generated))
+    };
+    let (host, host_ids) = run(&mut prompts.iter().map(|_| model.new_kv_cache()).collect())?;
+    let (chain, chain_ids) = run(&mut prompts
+        .iter()
+        .map(|_| model.new_tensor_kv_cache())
+        .collect())?;
+    assert_eq!(host_ids, chain_ids);
+    let max_diff = host
+        .iter()
+        .zip(&chain)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max_diff < 1e-4, "max |Δlogit| {max_diff}");
+    assert!(host.iter().any(|&v| v != 0.0));
+    Ok(())
 }
