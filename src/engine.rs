@@ -930,8 +930,10 @@ impl Sampler {
             )));
         }
         let p = &self.params;
-        let mut logits = logits.to_vec();
+        // Copied only when a penalty changes them.
+        let mut logits = std::borrow::Cow::Borrowed(logits);
         if p.repeat_penalty != 1.0 {
+            let logits = logits.to_mut();
             let window = &history[history.len().saturating_sub(p.repeat_last_n)..];
             let mut seen = std::collections::HashSet::new();
             for &id in window {
@@ -945,6 +947,7 @@ impl Sampler {
             }
         }
         if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let logits = logits.to_mut();
             for (&id, &n) in &self.counts {
                 if let Some(l) = logits.get_mut(id as usize) {
                     *l -= p.presence_penalty + p.frequency_penalty * n as f32;
@@ -962,7 +965,7 @@ impl Sampler {
             return Ok((id, None));
         }
         let n = logits.len();
-        let logits = Tensor::from_vec(logits, n, &Device::Cpu)?;
+        let logits = Tensor::from_vec(logits.into_owned(), n, &Device::Cpu)?;
         let id = match p.min_p.filter(|p| *p > 0.0) {
             // Relative to the most likely token after temperature, so its order with top-k /
             // top-p (which keep the most likely tokens) does not matter.
