@@ -30,9 +30,11 @@ const CHUNK_COLS: usize = 64;
 const CHUNK_STEPS: usize = CHUNK_COLS / 4;
 /// Bytes of one decoded chunk: four code tiles of 16 × 64 bytes.
 const CHUNK_BYTES: usize = 4 * CHUNK_STEPS * BLOCK_BYTES;
-/// Chunks decoded before the token groups walk them: 32 KiB of codes stay in L1 (48 KiB on
-/// Sapphire Rapids) while every group reads them.
-const SEGMENT_CHUNKS: usize = 8;
+/// Chunks decoded at a time, before the token groups walk them. Short segments keep the codes
+/// in L1 and let decode and multiply overlap; several groups save and reload their sums once
+/// per segment, which costs less than longer segments (measured: 1, 2, 4, 8 and whole tiles
+/// of 2560 columns, 16 to 64 tokens; 2 was fastest throughout).
+const SEGMENT_CHUNKS: usize = 2;
 /// Token groups one task may hold, so their partial sums fit the scratch buffer.
 pub(super) const MAX_GROUPS: usize = 4;
 /// How far ahead of the decode software prefetch runs in the packed tile.
@@ -128,7 +130,7 @@ struct GroupDots([[i32; TILE_ROWS]; GROUP_TOKENS]);
 
 /// A thread's buffers, kept between tasks so that a decode step allocates nothing.
 struct Scratch {
-    /// `SEGMENT_CHUNKS` decoded chunks, `[chunk][field][step][64]`.
+    /// Two segments of decoded chunks, `[half][chunk][field][step][64]`.
     codes: Vec<Line>,
     /// Each group's dot products.
     dots: Vec<GroupDots>,
@@ -136,7 +138,7 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
-        codes: vec![Line([0; 64]); SEGMENT_CHUNKS * CHUNK_BYTES / 64],
+        codes: vec![Line([0; 64]); 2 * SEGMENT_CHUNKS * CHUNK_BYTES / 64],
         dots: vec![GroupDots([[0; TILE_ROWS]; GROUP_TOKENS]); MAX_GROUPS],
     });
 }
@@ -170,46 +172,59 @@ pub(super) unsafe fn run_task(
     debug_assert!(x.as_ptr().align_offset(64) == 0);
     let steps = w.steps();
     let chunks = steps.div_ceil(CHUNK_STEPS);
+    let segs = chunks.div_ceil(SEGMENT_CHUNKS);
+    // Segment `i` of the task: its tile and first chunk.
+    let segment = |i: usize| (tiles.start + i / segs, i % segs * SEGMENT_CHUNKS);
     let config = TileConfig::new(rows);
     SCRATCH.with_borrow_mut(|scratch| {
+        let Scratch { codes, dots } = scratch;
+        let codes = codes.as_mut_ptr().cast::<u8>();
+        // SAFETY: `codes` holds two halves of `SEGMENT_CHUNKS` chunks.
+        let half = |i: usize| unsafe { codes.add(i % 2 * SEGMENT_CHUNKS * CHUNK_BYTES) };
+        let decode_segment = |i: usize| {
+            let (tile, c0) = segment(i);
+            let seg = SEGMENT_CHUNKS.min(chunks - c0);
+            // SAFETY: AVX-512F/BW come with AMX; `tile` is one of the task's tiles of `w`,
+            // chunks `c0..c0 + seg` are inside it, and a half holds `seg` decoded chunks.
+            unsafe { decode(w.tile_bytes(tile..tile + 1), steps, c0, seg, half(i)) };
+        };
         // SAFETY: AMX is ready (the caller's contract); the configuration is a valid palette 1.
         unsafe { asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly)) };
-        for tile in tiles {
-            let packed = w.tile_bytes(tile..tile + 1);
-            let mut c0 = 0;
-            while c0 < chunks {
-                let seg = SEGMENT_CHUNKS.min(chunks - c0);
-                let codes = scratch.codes.as_mut_ptr().cast::<u8>();
-                // SAFETY: AVX-512F/BW come with AMX; chunks `c0..c0 + seg` hold steps
-                // `16·c0..` of the tile, and `codes` holds `SEGMENT_CHUNKS` decoded chunks.
-                unsafe { decode(packed, steps, c0, seg, codes) };
-                for g in 0..n_groups {
-                    let t0 = (g * rows).min(n - rows);
-                    let dots = &mut scratch.dots[g];
-                    // SAFETY: rows `t0..t0 + rows` are inside `x`, and columns `64·c0 ..
-                    // 64·(c0 + seg)` inside `kp` (chunks ≤ kp / 64); `codes` was just decoded,
-                    // and `dots` is one group's buffer, as configured above.
-                    unsafe {
-                        let x = x.as_ptr().add(t0 * kp + c0 * CHUNK_COLS);
-                        let start = match (c0, n_groups) {
-                            (0, _) => Start::Zero,
-                            (_, 1) => Start::Kept,
-                            _ => Start::Load,
-                        };
-                        let save = n_groups > 1 || c0 + seg == chunks;
-                        group_segment(x, kp, codes, seg, dots, start, save);
-                    }
-                }
-                c0 += seg;
-            }
-            let mut done = 0;
-            for g in 0..n_groups {
+        // A software pipeline: the tile unit multiplies segment `i` while the vector unit
+        // decodes segment `i + 1` into the other half of the buffer.
+        decode_segment(0);
+        for i in 0..tiles.len() * segs {
+            let (tile, c0) = segment(i);
+            let seg = SEGMENT_CHUNKS.min(chunks - c0);
+            for (g, dots) in dots[..n_groups].iter_mut().enumerate() {
                 let t0 = (g * rows).min(n - rows);
-                // Rows another group already stored are skipped: the same values.
-                for r in done.max(t0)..t0 + rows {
-                    store(r, tile, &scratch.dots[g].0[r - t0]);
+                let start = match (c0, n_groups) {
+                    (0, _) => Start::Zero,
+                    (_, 1) => Start::Kept,
+                    _ => Start::Load,
+                };
+                let save = n_groups > 1 || c0 + seg == chunks;
+                // SAFETY: rows `t0..t0 + rows` are inside `x`, columns `64·c0 .. 64·(c0 +
+                // seg)` inside `kp` (chunks ≤ kp / 64); half `i` holds the segment's decoded
+                // chunks, and `dots` is one group's buffer, as configured above.
+                unsafe {
+                    let x = x.as_ptr().add(t0 * kp + c0 * CHUNK_COLS);
+                    group_segment(x, kp, half(i), seg, dots, start, save);
                 }
-                done = t0 + rows;
+            }
+            if i + 1 < tiles.len() * segs {
+                decode_segment(i + 1);
+            }
+            if c0 + seg == chunks {
+                let mut done = 0;
+                for (g, dots) in dots[..n_groups].iter().enumerate() {
+                    let t0 = (g * rows).min(n - rows);
+                    // Rows another group already stored are skipped: the same values.
+                    for r in done.max(t0)..t0 + rows {
+                        store(r, tile, &dots.0[r - t0]);
+                    }
+                    done = t0 + rows;
+                }
             }
         }
         // SAFETY: AMX is ready; releasing the tiles lets the OS skip saving them.

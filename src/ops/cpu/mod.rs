@@ -51,7 +51,7 @@ pub const AMX_ENV: &str = "CANDLE_BITNET_AMX";
 
 /// Tasks of at least this many tokens run on AMX where the CPU has it: below, decoding the
 /// codes to bytes costs more than the tile multiply saves over `vpdpbusd`.
-pub const AMX_MIN_TOKENS: usize = 4;
+pub const AMX_MIN_TOKENS: usize = 5;
 
 /// Whether BitLinear can use Intel AMX tiles in this process, and if not, why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
