@@ -200,8 +200,9 @@ fn bench_bitlinear(dev: &Device, rows: &[usize], stream: &StreamRead) -> Result<
                 Ok(())
             })?;
             let per_call = (context_switches() - switches) as f64 / calls as f64;
+            let amx = if AmxSupport::is_ready() { " + Amx" } else { "" };
             line(
-                &format!("op ({:?})", Kernel::best()),
+                &format!("op ({:?}{amx})", Kernel::best()),
                 op,
                 bytes,
                 ops,

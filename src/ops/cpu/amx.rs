@@ -8,8 +8,8 @@
 //! into four 1 KiB code tiles (one per bit field, codes 0..=2) in a per-thread buffer, and
 //! every token group of the task multiplies against it. Activations are the first operand,
 //! loaded straight from [`super::QuantizedRows`] (rows 64-byte aligned, so no tile row splits
-//! a cache line). Sums are exact in i32 (at most 2·128 per column, and AMX does not
-//! saturate): the same `Σ code·x` as the other kernels.
+//! a cache line). Sums are exact in i32 below [`MAX_COLS`] columns (at most 2·128 per column):
+//! the same `Σ code·x` as the other kernels.
 //!
 //! Rust's AMX intrinsics are unstable, so the tile instructions are `asm!` on fixed registers,
 //! which the compiler never allocates: tmm0–3 accumulate bit fields 0–3 (16 output rows each),
@@ -37,11 +37,14 @@ const CHUNK_BYTES: usize = 4 * CHUNK_STEPS * BLOCK_BYTES;
 const SEGMENT_CHUNKS: usize = 2;
 /// Token groups one task may hold, so their partial sums fit the scratch buffer.
 pub(super) const MAX_GROUPS: usize = 4;
+/// Rows longer than this could overflow the i32 sums (2·128 per column), which the tiles never
+/// flush: they stay on the SIMD kernels.
+pub(super) const MAX_COLS: usize = 1 << 23;
 /// How far ahead of the decode software prefetch runs in the packed tile.
 const PREFETCH_BYTES: usize = 1024;
 
 /// Linux's `arch_prctl` request for permission to use an extended state component, and the
-/// component of AMX tile data (`XFEATURE_XTILEDATA`); see the kernel's Documentation/arch/x86/xstate.rst.
+/// component of AMX tile data (`XFEATURE_XTILEDATA`): Documentation/arch/x86/xstate.rst.
 #[cfg(target_os = "linux")]
 const ARCH_REQ_XCOMP_PERM: libc::c_ulong = 0x1023;
 #[cfg(target_os = "linux")]
@@ -157,7 +160,8 @@ fn groups(n: usize) -> (usize, usize) {
 ///
 /// # Safety
 /// AMX must be [`AmxSupport::Ready`] (which implies AVX-512F/BW); `kp ≥ 4 · w.steps()` is a
-/// multiple of 64, `1 ≤ n ≤ MAX_GROUPS · 16`, and `tiles` lies within `w`.
+/// multiple of 64 and at most [`MAX_COLS`], `1 ≤ n ≤ MAX_GROUPS · 16`, and `tiles` lies
+/// within `w`.
 pub(super) unsafe fn run_task(
     w: &TernaryTiles,
     tiles: Range<usize>,
@@ -168,7 +172,7 @@ pub(super) unsafe fn run_task(
 ) {
     let (n_groups, rows) = groups(n);
     debug_assert!(n >= 1 && n_groups <= MAX_GROUPS && x.len() == n * kp);
-    debug_assert!(kp.is_multiple_of(CHUNK_COLS) && kp >= 4 * w.steps());
+    debug_assert!(kp.is_multiple_of(CHUNK_COLS) && kp >= 4 * w.steps() && kp <= MAX_COLS);
     debug_assert!(x.as_ptr().align_offset(64) == 0);
     let steps = w.steps();
     let chunks = steps.div_ceil(CHUNK_STEPS);
@@ -343,13 +347,13 @@ unsafe fn group_segment(
         }
         if save {
             asm!(
-            "tilestored [{o} + {s}*1], tmm0",
-            "tilestored [{o} + {s}*1 + 64], tmm1",
-            "tilestored [{o} + {s}*1 + 128], tmm2",
-            "tilestored [{o} + {s}*1 + 192], tmm3",
-            o = in(reg) out,
-            s = in(reg) out_stride,
-            options(nostack)
+                "tilestored [{o} + {s}*1], tmm0",
+                "tilestored [{o} + {s}*1 + 64], tmm1",
+                "tilestored [{o} + {s}*1 + 128], tmm2",
+                "tilestored [{o} + {s}*1 + 192], tmm3",
+                o = in(reg) out,
+                s = in(reg) out_stride,
+                options(nostack)
             );
         }
     }

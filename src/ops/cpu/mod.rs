@@ -411,8 +411,8 @@ pub fn bitlinear_with(
     bitlinear_segments_with(kernel, acts, w, std::slice::from_ref(&w_div), y)
 }
 
-/// [`bitlinear`] on AMX tiles for every token count (the tests check it on all of them);
-/// fails unless [`AmxSupport::is_ready`].
+/// [`bitlinear`] on AMX tiles for every token count (the tests check it on all of them; rows
+/// of 2²³ columns or more stay on the AVX-512 kernel); fails unless [`AmxSupport::is_ready`].
 pub fn bitlinear_amx(
     acts: &QuantizedRows,
     w: &TernaryTiles,
@@ -507,11 +507,12 @@ fn run_bitlinear(
             }
         };
         #[cfg(target_arch = "x86_64")]
-        if amx_from.is_some_and(|from| tokens.len() >= from) {
+        if amx_from.is_some_and(|from| tokens.len() >= from) && acts.k_padded <= amx::MAX_COLS {
             let (t0, n) = (tokens.start, tokens.len());
             // SAFETY: `amx_from` is set only when AMX is ready; the rows are whole padded
-            // activation rows (64-byte aligned, kp a multiple of 64 ≥ 4·steps), at most
-            // TASK_TOKENS = 16·MAX_GROUPS of them, and `tiles` comes from the grid over `w`.
+            // activation rows (64-byte aligned, kp a multiple of 64 ≥ 4·steps, ≤ MAX_COLS),
+            // at most TASK_TOKENS = 16·MAX_GROUPS of them, and `tiles` comes from the grid
+            // over `w`.
             unsafe {
                 amx::run_task(
                     w,
