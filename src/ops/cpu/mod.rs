@@ -50,12 +50,14 @@ pub const AVX512_ENV: &str = "CANDLE_BITNET_AVX512";
 pub const AMX_ENV: &str = "CANDLE_BITNET_AMX";
 
 /// Tasks of at least this many tokens run on AMX where the CPU has it: below, decoding the
-/// codes to bytes costs more than the tile multiply saves over `vpdpbusd`.
+/// codes to bytes costs more than the tile multiply saves over `vpdpbusd` (2560 → 2560 on a
+/// Xeon with AMX: 0.8–0.95× the AVX-512 kernel's speed at 4 tokens, 1.2× at 5, 2.5× at 16).
 pub const AMX_MIN_TOKENS: usize = 5;
 
 /// Whether BitLinear can use Intel AMX tiles in this process, and if not, why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AmxSupport {
+    /// BitLinear uses AMX from [`AMX_MIN_TOKENS`] tokens.
     Ready,
     /// The CPU lacks AMX-TILE, AMX-INT8 or AVX-512 (or `CANDLE_BITNET_AVX512=0`).
     NotInCpu,
@@ -394,7 +396,7 @@ pub(super) fn bitlinear_storage(
 }
 
 /// `y[t, o] = (Σ_c W[o, c]·x_q[t, c]) / (w_div · s_x[t])` for all rows `t`, with the best
-/// kernel (AMX for [`AMX_MIN_TOKENS`] tokens or more, where ready); `y` is `[n_rows, out_features]`.
+/// kernel (AMX from [`AMX_MIN_TOKENS`] tokens, where ready); `y` is `[n_rows, out_features]`.
 pub fn bitlinear(acts: &QuantizedRows, w: &TernaryTiles, w_div: f32, y: &mut [f32]) -> Result<()> {
     bitlinear_segments(acts, w, std::slice::from_ref(&w_div), y)
 }
@@ -460,6 +462,7 @@ pub fn bitlinear_segments_amx(
 }
 
 /// BitLinear with `kernel`, and AMX for tasks of at least `amx_from` tokens.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn run_bitlinear(
     kernel: Kernel,
     amx_from: Option<usize>,
