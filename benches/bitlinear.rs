@@ -9,10 +9,13 @@
 //! for dense f32, 2 for bf16. `ctx/call` counts the voluntary context switches (sleeps and
 //! wake-ups, not preemption) of all threads per call of the op. Threads: rayon's default (all
 //! cores) unless RAYON_NUM_THREADS says otherwise.
-//! Arguments narrow the run: row counts (`-- 1 8`) and/or `head`.
+//! On CPUs with AMX, an `Amx` line follows the SIMD kernels (AMX forced at every row count;
+//! the op uses it from `AMX_MIN_TOKENS` rows) with its speed-up over the AVX-512 kernel's hot
+//! time. Arguments narrow the run: row counts (`-- 1 8`) and/or `head`.
 
 use candle_bitnet::ops::cpu::{
-    bitlinear_with, matmul_bf16, matmul_int8, Int8Head, Kernel, QuantizedRows, TernaryTiles,
+    bitlinear_amx, bitlinear_with, matmul_bf16, matmul_int8, AmxSupport, Int8Head, Kernel,
+    QuantizedRows, TernaryTiles,
 };
 use candle_bitnet::ops::{bitlinear_tiles, matmul_bf16_weight, matmul_int8_head};
 use candle_core::{DType, Device, Result, Tensor};
@@ -197,8 +200,9 @@ fn bench_bitlinear(dev: &Device, rows: &[usize], stream: &StreamRead) -> Result<
                 Ok(())
             })?;
             let per_call = (context_switches() - switches) as f64 / calls as f64;
+            let amx = if AmxSupport::is_ready() { " + Amx" } else { "" };
             line(
-                &format!("op ({:?})", Kernel::best()),
+                &format!("op ({:?}{amx})", Kernel::best()),
                 op,
                 bytes,
                 ops,
@@ -206,6 +210,7 @@ fn bench_bitlinear(dev: &Device, rows: &[usize], stream: &StreamRead) -> Result<
             );
             println!("  {:<22} {per_call:>10.2} ctx/call", "");
             let mut y = vec![0f32; n * out];
+            let mut avx512_hot = None;
             for &kernel in Kernel::available() {
                 if kernel == Kernel::Portable && n > PORTABLE_MAX_ROWS {
                     continue;
@@ -217,6 +222,21 @@ fn bench_bitlinear(dev: &Device, rows: &[usize], stream: &StreamRead) -> Result<
                 let cold = median_secs(|i| run(&tiles[i % tiles.len()]))?;
                 let hot = median_secs(|_| run(&tiles0))?;
                 kernel_line(&format!("{kernel:?}"), cold, Some(hot), bytes, stream);
+                if kernel == Kernel::Avx512Vnni {
+                    avx512_hot = Some(hot);
+                }
+            }
+            if AmxSupport::is_ready() {
+                let mut run = |w: &TernaryTiles| {
+                    let acts = QuantizedRows::new(&x_vec, n, k);
+                    bitlinear_amx(&acts, w, 1.0, &mut y)
+                };
+                let cold = median_secs(|i| run(&tiles[i % tiles.len()]))?;
+                let hot = median_secs(|_| run(&tiles0))?;
+                kernel_line("Amx", cold, Some(hot), bytes, stream);
+                if let Some(vnni) = avx512_hot {
+                    println!("  {:<22} {:>10.2}x Avx512Vnni's hot time", "", vnni / hot);
+                }
             }
         }
     }
@@ -315,10 +335,11 @@ fn bench_head(dev: &Device, stream: &StreamRead) -> Result<()> {
 fn main() -> Result<()> {
     let dev = Device::Cpu;
     println!(
-        "threads: {} (rayon), kernels: {:?}; columns: median time per call, weight GB/s, \
-         GOPS (2·rows·in·out), speed-up over candle's dense f32",
+        "threads: {} (rayon), kernels: {:?}, AMX: {:?}; columns: median time per call, \
+         weight GB/s, GOPS (2·rows·in·out), speed-up over candle's dense f32",
         rayon::current_num_threads(),
-        Kernel::available()
+        Kernel::available(),
+        AmxSupport::get()
     );
     let stream = StreamRead::new();
     println!(

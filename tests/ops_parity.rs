@@ -1,12 +1,13 @@
 //! CPU kernels against the pure-Rust reference in `quant.rs`: BitLinear must agree bit for bit
-//! (every kernel variant this CPU runs, the shared table of shapes in `common/kernels.rs`, every
-//! input dtype); the bf16-weight head within float-reordering tolerance of candle's matmul.
+//! (every kernel variant this CPU runs, AMX tiles where the CPU has them, the shared table of
+//! shapes in `common/kernels.rs`, every input dtype); the bf16-weight head within
+//! float-reordering tolerance of candle's matmul.
 
 mod common;
 
 use candle_bitnet::ops::cpu::{
-    bitlinear_segments_with, bitlinear_with, matmul_bf16, matmul_int8, Int8Head, Kernel,
-    QuantizedRows, TernaryTiles,
+    bitlinear_amx, bitlinear_segments_amx, bitlinear_segments_with, bitlinear_with, matmul_bf16,
+    matmul_int8, AmxSupport, Int8Head, Kernel, QuantizedRows, TernaryTiles,
 };
 use candle_bitnet::ops::{
     bitlinear, bitlinear_segments, matmul_bf16_weight, matmul_int8_head, rms_norm_bitlinear,
@@ -21,13 +22,24 @@ use common::{random_activations, random_packed};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// The CPU as a [`Backend`]: every SIMD kernel this machine runs (f32, through
-/// [`bitlinear_with`] into a NaN-poisoned output), and the op on tensors in every dtype.
+/// [`bitlinear_with`] into a NaN-poisoned output), AMX for every token count if ready, and the
+/// op on tensors in every dtype.
 struct Cpu;
 
 #[derive(Debug, Clone, Copy)]
 enum CpuRun {
     Kernel(Kernel),
+    Amx,
     Op,
+}
+
+/// Whether the AMX path is checked here; if not, says why on the test's output.
+fn amx_checked() -> bool {
+    let support = AmxSupport::get();
+    if support != AmxSupport::Ready {
+        println!("AMX NOT CHECKED on this machine: {support:?}");
+    }
+    support == AmxSupport::Ready
 }
 
 impl Backend for Cpu {
@@ -37,8 +49,9 @@ impl Backend for Cpu {
         let kernels = Kernel::available()
             .iter()
             .map(|&k| (CpuRun::Kernel(k), Output::Scaled(DType::F32)));
+        let amx = AmxSupport::is_ready().then_some((CpuRun::Amx, Output::Scaled(DType::F32)));
         let op = DTYPES.map(|dtype| (CpuRun::Op, Output::Scaled(dtype)));
-        kernels.chain(op).collect()
+        kernels.chain(amx).chain(op).collect()
     }
 
     fn run(&self, run: &CpuRun, case: &Case, output: Output) -> Result<Vec<u32>> {
@@ -47,11 +60,16 @@ impl Backend for Cpu {
         };
         let Shape { rows, k, out } = case.shape;
         match run {
-            CpuRun::Kernel(kernel) => {
+            CpuRun::Kernel(_) | CpuRun::Amx => {
                 let acts = QuantizedRows::new(&case.x, rows, k);
                 let tiles = TernaryTiles::from_packed(&case.packed, k, out)?;
                 let mut y = vec![f32::NAN; rows * out];
-                bitlinear_with(*kernel, &acts, &tiles, case.w_div, &mut y)?;
+                match run {
+                    CpuRun::Kernel(kernel) => {
+                        bitlinear_with(*kernel, &acts, &tiles, case.w_div, &mut y)?
+                    }
+                    _ => bitlinear_amx(&acts, &tiles, case.w_div, &mut y)?,
+                }
                 Ok(bits(&y))
             }
             CpuRun::Op => {
@@ -74,8 +92,40 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 #[test]
 fn every_kernel_and_dtype_matches_the_reference_bit_for_bit() -> Result<()> {
-    println!("kernels: {:?}", Kernel::available());
+    println!(
+        "kernels: {:?}, AMX: {:?}",
+        Kernel::available(),
+        AmxSupport::get()
+    );
+    amx_checked();
     check_bitlinear(&Cpu, Coverage::All, 1)
+}
+
+/// AMX multiplies groups of up to 16 tokens, up to four groups a task, 64 columns at a time,
+/// eight chunks per decoded segment: token counts around each of those, on rows that end
+/// inside a chunk and past a segment, odd widths, one thread (one task of many tiles, so the
+/// decode buffer is reused) and the pool (tasks of few tiles, token blocks split evenly).
+#[test]
+fn amx_matches_the_reference_at_every_group_size() -> Result<()> {
+    if !amx_checked() {
+        return Ok(());
+    }
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .map_err(candle_core::Error::wrap)?;
+    let mut rng = StdRng::seed_from_u64(13);
+    let rows = [
+        1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 100, 129,
+    ];
+    for (k, out) in [(2560, 640), (577, 196), (1, 4), (65, 68), (1030, 132)] {
+        for rows in rows {
+            let case = Case::random(&mut rng, Shape { rows, k, out })?;
+            check_case(&Cpu, &case)?;
+            one.install(|| check_case(&Cpu, &case))?;
+        }
+    }
+    Ok(())
 }
 
 /// The harness's reference is `quant.rs`'s, only faster.
@@ -138,6 +188,11 @@ fn segments_share_one_quantization_and_match_each_reference() -> Result<()> {
             let mut y = vec![f32::NAN; n * total];
             bitlinear_segments_with(kernel, &acts, &tiles, &w_divs, &mut y)?;
             assert_eq!(bits(&y), bits(&want), "{kernel:?} rows {n}, {k} → {outs:?}");
+        }
+        if amx_checked() {
+            let mut y = vec![f32::NAN; n * total];
+            bitlinear_segments_amx(&acts, &tiles, &w_divs, &mut y)?;
+            assert_eq!(bits(&y), bits(&want), "AMX rows {n}, {k} → {outs:?}");
         }
         let tiles = std::sync::Arc::new(tiles);
         let xt = Tensor::from_vec(x.clone(), (n, k), &dev)?;
@@ -226,6 +281,12 @@ fn bitlinear_with_refuses_mismatched_shapes() -> Result<()> {
     let err = bitlinear_with(Kernel::Portable, &acts, &tiles, 1.0, &mut y[..7]).unwrap_err();
     assert!(err.to_string().contains("7 outputs"), "{err}");
     assert!(bitlinear_with(Kernel::Portable, &acts, &wide, 1.0, &mut y).is_err());
+    let err = bitlinear_amx(&acts, &tiles, 1.0, &mut y[..7]).unwrap_err();
+    let want = match AmxSupport::get() {
+        AmxSupport::Ready => "7 outputs",
+        _ => "AMX is not available",
+    };
+    assert!(err.to_string().contains(want), "{err}");
     Ok(())
 }
 
@@ -417,6 +478,11 @@ fn activation_quantization_edge_rows_match_the_reference() -> Result<()> {
         let mut y = vec![f32::NAN; rows.len() * out];
         bitlinear_with(kernel, &acts, &tiles, 1.5, &mut y)?;
         assert_eq!(bits(&y), want, "{kernel:?}");
+    }
+    if amx_checked() {
+        let mut y = vec![f32::NAN; rows.len() * out];
+        bitlinear_amx(&acts, &tiles, 1.5, &mut y)?;
+        assert_eq!(bits(&y), want, "AMX");
     }
     // The tie row really holds ties, and they round to even, not away from zero.
     let mut q = vec![0i8; k];
