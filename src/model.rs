@@ -102,8 +102,13 @@ pub struct KvCache {
 /// One layer's keys and values.
 #[derive(Debug, Clone)]
 enum LayerKv {
-    /// CPU: f32 `[positions, kv_heads · head_dim]` each, appended in place.
-    Host { k: Vec<f32>, v: Vec<f32> },
+    /// CPU: f32 `[kv_heads, capacity, head_dim]` each (a head's positions contiguous, as
+    /// attention streams them), appended in place.
+    Host {
+        k: Vec<f32>,
+        v: Vec<f32>,
+        capacity: usize,
+    },
     /// Other devices: `(1, kv_heads, capacity, head_dim)` each, allocated on first use.
     Device(Option<(Tensor, Tensor)>),
 }
@@ -128,7 +133,7 @@ impl KvCache {
         self.layers
             .iter()
             .map(|layer| match layer {
-                LayerKv::Host { k, v } => (k.capacity() + v.capacity()) * 4,
+                LayerKv::Host { k, v, .. } => (k.capacity() + v.capacity()) * 4,
                 LayerKv::Device(kv) => kv.as_ref().map_or(0, |(k, v)| {
                     (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()
                 }),
@@ -136,35 +141,47 @@ impl KvCache {
             .sum()
     }
 
-    /// Writes the rows `k`, `v`: `[t, kv_width]` at positions `len..len + t` of a CPU `layer`.
-    /// Capacity grows a chunk of positions at a time.
+    /// Writes the rows `k`, `v`: `[t, kv_heads · head_dim]` at positions `len..len + t` of a
+    /// CPU `layer`. Capacity grows a chunk of positions at a time.
     fn append_host(
         &mut self,
         layer: usize,
         k_rows: &[f32],
         v_rows: &[f32],
-        kv_width: usize,
+        kv_heads: usize,
+        head_dim: usize,
     ) -> Result<()> {
-        let LayerKv::Host { k, v } = &mut self.layers[layer] else {
+        let LayerKv::Host { k, v, capacity } = &mut self.layers[layer] else {
             bail!("KV cache of layer {layer} is not on the CPU")
         };
-        let at = self.len * kv_width;
-        let needed = at + k_rows.len();
-        for (cache, rows) in [(k, k_rows), (v, v_rows)] {
-            cache.truncate(at);
-            if needed > cache.capacity() {
-                let positions = (needed / kv_width).next_multiple_of(KV_CACHE_CHUNK);
-                cache.reserve_exact(positions * kv_width - at);
+        let width = kv_heads * head_dim;
+        let (len, needed) = (self.len, self.len + k_rows.len() / width);
+        if needed > *capacity {
+            let grown = needed.next_multiple_of(KV_CACHE_CHUNK);
+            for cache in [&mut *k, &mut *v] {
+                let mut bigger = vec![0f32; kv_heads * grown * head_dim];
+                for g in 0..kv_heads {
+                    bigger[g * grown * head_dim..][..len * head_dim]
+                        .copy_from_slice(&cache[g * *capacity * head_dim..][..len * head_dim]);
+                }
+                *cache = bigger;
             }
-            cache.extend_from_slice(rows);
+            *capacity = grown;
+        }
+        for (cache, rows) in [(k, k_rows), (v, v_rows)] {
+            for (i, row) in rows.chunks_exact(width).enumerate() {
+                for (g, head) in row.chunks_exact(head_dim).enumerate() {
+                    cache[(g * *capacity + len + i) * head_dim..][..head_dim].copy_from_slice(head);
+                }
+            }
         }
         Ok(())
     }
 
-    /// A CPU layer's keys and values so far (the rows appended in this forward included).
-    fn host(&self, layer: usize) -> Result<(&[f32], &[f32])> {
+    /// A CPU layer's keys, values and capacity (the rows appended in this forward included).
+    fn host(&self, layer: usize) -> Result<(&[f32], &[f32], usize)> {
         match &self.layers[layer] {
-            LayerKv::Host { k, v } => Ok((k, v)),
+            LayerKv::Host { k, v, capacity } => Ok((k, v, *capacity)),
             LayerKv::Device(_) => bail!("KV cache of layer {layer} is not on the CPU"),
         }
     }
@@ -315,19 +332,26 @@ impl Attention {
         }
         for (s, cache) in step.seqs.iter().zip(caches.iter_mut()) {
             let rows = s.start * kw..(s.start + s.len) * kw;
-            cache.append_host(layer, &k_rows[rows.clone()], &v_rows[rows], kw)?;
+            cache.append_host(
+                layer,
+                &k_rows[rows.clone()],
+                &v_rows[rows],
+                shape.kv_heads,
+                hd,
+            )?;
         }
         let seqs = step
             .seqs
             .iter()
             .zip(caches.iter())
             .map(|(s, cache)| {
-                let (k, v) = cache.host(layer)?;
+                let (k, v, capacity) = cache.host(layer)?;
                 Ok(SeqAttention {
                     q: &q_rows[s.start * qw..(s.start + s.len) * qw],
                     k,
                     v,
                     keys: s.offset + s.len,
+                    capacity,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -597,6 +621,7 @@ impl BitnetModel {
             LayerKv::Host {
                 k: vec![],
                 v: vec![],
+                capacity: 0,
             }
         } else {
             LayerKv::Device(None)

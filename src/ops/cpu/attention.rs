@@ -56,13 +56,16 @@ pub fn rope_in_place(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
 }
 
 /// One sequence's part of [`attend`]: its rotated query rows `q: [t, heads · hd]`, which sit
-/// at positions `keys - t .. keys`, and its cache `k`, `v: [≥ keys, kv_heads · hd]`.
+/// at positions `keys - t .. keys`, and its cache `k`, `v: [kv_heads, capacity, hd]`, each
+/// head's positions contiguous so that a task streams them.
 pub struct SeqAttention<'a> {
     pub q: &'a [f32],
     pub k: &'a [f32],
     pub v: &'a [f32],
     /// Positions in the cache, the new rows' included.
     pub keys: usize,
+    /// Positions each KV head has room for in `k` and `v` (≥ `keys`).
+    pub capacity: usize,
 }
 
 /// Causal attention of every sequence's query rows over its own cache; `y: [Σ t, heads · hd]`
@@ -88,12 +91,12 @@ pub fn attend_with(kernel: Kernel, shape: AttentionShape, seqs: &[SeqAttention],
             let ((s, i, visible), g) = (rows[task / shape.kv_heads], task % shape.kv_heads);
             let seq = &seqs[s];
             let q = &seq.q[i * qw + g * group * hd..][..group * hd];
+            let head = g * seq.capacity * hd..(g * seq.capacity + visible) * hd;
             let job = Job {
-                shape,
+                hd,
                 q,
-                k: seq.k,
-                v: seq.v,
-                g,
+                k: &seq.k[head.clone()],
+                v: &seq.v[head],
                 scale,
             };
             SCORES.with_borrow_mut(|scores| {
@@ -108,13 +111,12 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// One query row's heads of KV head `g` against the keys it sees (as many as its scores).
+/// One query row's heads of one KV head, against the keys it sees: that head's `[visible, hd]`.
 struct Job<'a> {
-    shape: AttentionShape,
+    hd: usize,
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
-    g: usize,
     scale: f32,
 }
 
@@ -126,7 +128,7 @@ fn run(kernel: Kernel, job: &Job, scores: &mut [f32], y: &mut [f32]) {
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2 => unsafe { run_avx2(job, scores, y) },
-        _ => job_body::<false>(job, scores, y),
+        _ => job_body::<false>(job, scores, y, dot),
     }
 }
 
@@ -135,7 +137,8 @@ fn run(kernel: Kernel, job: &Job, scores: &mut [f32], y: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn run_avx512(job: &Job, scores: &mut [f32], y: &mut [f32]) {
-    job_body::<true>(job, scores, y)
+    // SAFETY: the features are this function's own.
+    job_body::<true>(job, scores, y, |a, b| unsafe { x86_dot::dot_avx512(a, b) })
 }
 
 /// # Safety
@@ -143,19 +146,86 @@ unsafe fn run_avx512(job: &Job, scores: &mut [f32], y: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2(job: &Job, scores: &mut [f32], y: &mut [f32]) {
-    job_body::<true>(job, scores, y)
+    // SAFETY: the features are this function's own.
+    job_body::<true>(job, scores, y, |a, b| unsafe { x86_dot::dot_avx2(a, b) })
+}
+
+/// [`dot`] with FMA in registers of 16 (AVX-512) or 8 (AVX2) lanes: left to itself the
+/// compiler keeps the 16 lanes in four 128-bit registers.
+#[cfg(target_arch = "x86_64")]
+mod x86_dot {
+    use super::LANES;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX-512F and FMA; `b` at least as long as `a`.
+    #[inline(always)]
+    pub(super) unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+        let full = a.len() / LANES * LANES;
+        debug_assert!(b.len() >= a.len());
+        // SAFETY: every load reads 16 floats below `full` of both slices; features: the caller.
+        unsafe {
+            let mut acc = _mm512_setzero_ps();
+            for c in (0..full).step_by(LANES) {
+                let (x, y) = (
+                    _mm512_loadu_ps(a.as_ptr().add(c)),
+                    _mm512_loadu_ps(b.as_ptr().add(c)),
+                );
+                acc = _mm512_fmadd_ps(x, y, acc);
+            }
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+            let lanes8 = _mm256_add_ps(_mm512_castps512_ps256(acc), hi);
+            finish(lanes8, &a[full..], &b[full..a.len()])
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA; `b` at least as long as `a`.
+    #[inline(always)]
+    pub(super) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let full = a.len() / LANES * LANES;
+        debug_assert!(b.len() >= a.len());
+        // SAFETY: as above, in halves of 8 floats.
+        unsafe {
+            let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for c in (0..full).step_by(LANES) {
+                let (pa, pb) = (a.as_ptr().add(c), b.as_ptr().add(c));
+                lo = _mm256_fmadd_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb), lo);
+                hi = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8)), hi);
+            }
+            finish(_mm256_add_ps(lo, hi), &a[full..], &b[full..a.len()])
+        }
+    }
+
+    /// The fold of [`super::dot`] from 8 lanes on, then the tail.
+    #[inline(always)]
+    unsafe fn finish(lanes8: __m256, a_tail: &[f32], b_tail: &[f32]) -> f32 {
+        // SAFETY: register arithmetic only; AVX is implied by either caller's features.
+        let sum = unsafe {
+            let l4 = _mm_add_ps(
+                _mm256_castps256_ps128(lanes8),
+                _mm256_extractf128_ps::<1>(lanes8),
+            );
+            let l2 = _mm_add_ps(l4, _mm_movehl_ps(l4, l4));
+            _mm_cvtss_f32(_mm_add_ss(l2, _mm_shuffle_ps::<1>(l2, l2)))
+        };
+        a_tail.iter().zip(b_tail).fold(sum, |s, (&a, &b)| s + a * b)
+    }
 }
 
 #[inline(always)]
-fn job_body<const FMA: bool>(job: &Job, scores: &mut [f32], y: &mut [f32]) {
-    let hd = job.shape.head_dim;
-    let (kw, offset) = (job.shape.kv_width(), job.g * hd);
-    let visible = scores.len() / job.shape.group();
+fn job_body<const FMA: bool>(
+    job: &Job,
+    scores: &mut [f32],
+    y: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+) {
+    let hd = job.hd;
+    let visible = job.k.len() / hd;
     // Each key row is read once for all the heads that share it.
-    for j in 0..visible {
-        let k = &job.k[j * kw + offset..][..hd];
+    for (j, k) in job.k.chunks_exact(hd).enumerate() {
         for (r, q) in job.q.chunks_exact(hd).enumerate() {
-            scores[r * visible + j] = dot::<FMA>(q, k) * job.scale;
+            scores[r * visible + j] = dot(q, k) * job.scale;
         }
     }
     for (p, y) in scores.chunks_exact_mut(visible).zip(y.chunks_exact_mut(hd)) {
@@ -166,9 +236,9 @@ fn job_body<const FMA: bool>(job: &Job, scores: &mut [f32], y: &mut [f32]) {
             sum += *s;
         }
         match hd {
-            128 => weigh_values::<FMA, 128>(p, job.v, kw, offset, y),
-            64 => weigh_values::<FMA, 64>(p, job.v, kw, offset, y),
-            _ => weigh_values::<FMA, 0>(p, job.v, kw, offset, y),
+            128 => weigh_values::<FMA, 128>(p, job.v, y),
+            64 => weigh_values::<FMA, 64>(p, job.v, y),
+            _ => weigh_values::<FMA, 0>(p, job.v, y),
         }
         let inv_sum = sum.recip();
         for y in y.iter_mut() {
@@ -177,57 +247,39 @@ fn job_body<const FMA: bool>(job: &Job, scores: &mut [f32], y: &mut [f32]) {
     }
 }
 
-/// `y = Σ_j p[j] · V[j]` over the head at `offset` of each value row (`kw` floats apart).
-/// A known width (`HD > 0`) keeps the sums in registers across the keys.
+/// `y = Σ_j p[j] · V[j]` over value rows `v: [.., y.len()]`. A known width (`HD > 0`) keeps
+/// the sums in registers across the keys.
 #[inline(always)]
-fn weigh_values<const FMA: bool, const HD: usize>(
-    p: &[f32],
-    v: &[f32],
-    kw: usize,
-    offset: usize,
-    y: &mut [f32],
-) {
+fn weigh_values<const FMA: bool, const HD: usize>(p: &[f32], v: &[f32], y: &mut [f32]) {
     let fma = |a: f32, p: f32, v: f32| if FMA { p.mul_add(v, a) } else { a + p * v };
     if HD == 0 {
-        return weigh_into(p, v, kw, offset, y, fma);
+        return weigh_into(p, v, y, fma);
     }
     let mut acc = [0f32; HD];
-    weigh_into(p, v, kw, offset, &mut acc, fma);
+    weigh_into(p, v, &mut acc, fma);
     y.copy_from_slice(&acc);
 }
 
 #[inline(always)]
-fn weigh_into(
-    p: &[f32],
-    v: &[f32],
-    kw: usize,
-    offset: usize,
-    acc: &mut [f32],
-    fma: impl Fn(f32, f32, f32) -> f32,
-) {
-    let hd = acc.len();
+fn weigh_into(p: &[f32], v: &[f32], acc: &mut [f32], fma: impl Fn(f32, f32, f32) -> f32) {
     acc.fill(0.0);
-    for (j, &p) in p.iter().enumerate() {
-        let v = &v[j * kw + offset..][..hd];
+    for (&p, v) in p.iter().zip(v.chunks_exact(acc.len())) {
         for (a, &v) in acc.iter_mut().zip(v) {
             *a = fma(*a, p, v);
         }
     }
 }
 
-/// `Σ a·b` over 16 lanes, the lanes folded in halves, then the tail in order.
+/// `Σ a·b` over 16 lanes, the lanes folded in halves, then the tail in order (the portable
+/// build; the SIMD builds sum the same lanes with FMA, `x86_dot`).
 #[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (a_chunks, a_tail) = a.as_chunks::<LANES>();
     let (b_chunks, b_tail) = b.as_chunks::<LANES>();
     for (ac, bc) in a_chunks.iter().zip(b_chunks) {
         for l in 0..LANES {
-            acc[l] = if FMA {
-                ac[l].mul_add(bc[l], acc[l])
-            } else {
-                acc[l] + ac[l] * bc[l]
-            };
+            acc[l] += ac[l] * bc[l];
         }
     }
     let mut width = LANES / 2;
@@ -254,14 +306,14 @@ mod tests {
 
     /// Plain f64 attention of one row's head.
     fn reference(shape: AttentionShape, seq: &SeqAttention, row: usize, head: usize) -> Vec<f64> {
-        let (hd, kw, qw) = (shape.head_dim, shape.kv_width(), shape.q_width());
+        let (hd, cap, qw) = (shape.head_dim, seq.capacity, shape.q_width());
         let t = seq.q.len() / qw;
         let visible = seq.keys - t + row + 1;
         let g = head / shape.group();
         let q = &seq.q[row * qw + head * hd..][..hd];
         let scores: Vec<f64> = (0..visible)
             .map(|j| {
-                let k = &seq.k[j * kw + g * hd..][..hd];
+                let k = &seq.k[(g * cap + j) * hd..][..hd];
                 q.iter()
                     .zip(k)
                     .map(|(&a, &b)| a as f64 * b as f64)
@@ -275,7 +327,7 @@ mod tests {
         (0..hd)
             .map(|d| {
                 (0..visible)
-                    .map(|j| e[j] * seq.v[j * kw + g * hd + d] as f64)
+                    .map(|j| e[j] * seq.v[(g * cap + j) * hd + d] as f64)
                     .sum::<f64>()
                     / sum
             })
@@ -309,6 +361,7 @@ mod tests {
                 .map(|&(t, before)| {
                     let keys = before + t;
                     let q = random(&mut rng, t * shape.q_width());
+                    // Room for 3 positions more than held, as a growing cache has.
                     let k = random(&mut rng, (keys + 3) * shape.kv_width());
                     let v = random(&mut rng, (keys + 3) * shape.kv_width());
                     (q, k, v, keys)
@@ -321,6 +374,7 @@ mod tests {
                     k,
                     v,
                     keys: *keys,
+                    capacity: keys + 3,
                 })
                 .collect();
             let rows: usize = lens.iter().map(|l| l.0).sum();
@@ -378,12 +432,14 @@ mod tests {
             k: &k,
             v: &v,
             keys: 50,
+            capacity: 64,
         };
         let other = SeqAttention {
             q: &q2,
             k: &k2,
             v: &v,
             keys: 9,
+            capacity: 64,
         };
         let mut y1 = vec![0f32; 128];
         attend(shape, &[alone], &mut y1);
@@ -392,6 +448,7 @@ mod tests {
             k: &k,
             v: &v,
             keys: 50,
+            capacity: 64,
         };
         let mut y2 = vec![0f32; 4 * 128];
         attend(shape, &[other, alone], &mut y2);
