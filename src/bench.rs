@@ -33,6 +33,9 @@ pub struct BenchOptions {
     pub batch: Vec<usize>,
     /// Decode steps timed at each batch size.
     pub batch_steps: usize,
+    /// Also measure batch-1 decode with the int8 LM head ([`crate::HeadDtype::Int8`], CPU
+    /// only), beside the default head.
+    pub int8_head: bool,
 }
 
 impl Default for BenchOptions {
@@ -46,6 +49,7 @@ impl Default for BenchOptions {
             copy_bytes: 1 << 30,
             batch: vec![],
             batch_steps: 16,
+            int8_head: false,
         }
     }
 }
@@ -117,6 +121,15 @@ impl StepProfile {
     }
 }
 
+/// Batch-1 decode of the same ternary model with its head quantized per row to int8.
+#[derive(Debug, Clone)]
+pub struct Int8HeadDecode {
+    pub decode_tokens_per_s: f64,
+    pub decode_profile: StepProfile,
+    /// As [`Throughput::bytes_per_decoded_token`], with the int8 head's bytes for the head's.
+    pub bytes_per_decoded_token: usize,
+}
+
 /// Throughput and traffic of one model.
 #[derive(Debug, Clone)]
 pub struct Throughput {
@@ -159,6 +172,8 @@ pub struct BenchReport {
     /// `VmHWM` at the end of the run.
     pub peak_rss_with_dense_bytes: Option<u64>,
     pub batch_decode: Vec<BatchDecode>,
+    /// With [`BenchOptions::int8_head`].
+    pub int8_head: Option<Int8HeadDecode>,
 }
 
 /// Runs the benchmark on `device`, drawing a progress bar on stderr.
@@ -193,9 +208,15 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
             cfg.max_position_embeddings
         )
     }
+    if opts.int8_head {
+        crate::HeadDtype::Int8
+            .check_device(&device.location())
+            .map_err(candle_core::Error::wrap)?;
+    }
     let dtype = crate::device::compute_dtype(device);
     let tokens_per_model = opts.prompt_lens.iter().sum::<usize>() + opts.decode_tokens;
-    let bar = progress_bar((tokens_per_model * (1 + opts.dense as usize)) as u64)?;
+    let int8_tokens = opts.int8_head as usize * (shortest + opts.decode_tokens);
+    let bar = progress_bar((tokens_per_model * (1 + opts.dense as usize) + int8_tokens) as u64)?;
 
     bar.set_message("building ternary model");
     let model = synthetic::build(&cfg, opts.seed, dtype, device)?;
@@ -213,6 +234,19 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
         .map(|&b| measure_batch(&model, b, opts, &bar))
         .collect::<Result<Vec<_>>>()?;
     let peak_rss_bytes = peak_rss();
+    let int8_head = if opts.int8_head {
+        bar.set_message("quantizing the head to int8");
+        let int8 = model.clone().with_int8_head()?;
+        Some(measure_int8_head(
+            &int8,
+            opts,
+            &ternary,
+            &float_bytes,
+            &bar,
+        )?)
+    } else {
+        None
+    };
 
     bar.set_message("measuring copy bandwidth");
     let measured_bandwidth_bytes_per_s = copy_bandwidth(device, opts.copy_bytes)?;
@@ -242,6 +276,7 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
         peak_rss_bytes,
         peak_rss_with_dense_bytes: peak_rss(),
         batch_decode,
+        int8_head,
     })
 }
 
@@ -261,6 +296,8 @@ struct FloatBytes {
     held: usize,
     /// Head, norms and one embedding row: what a decode step reads besides the projections.
     read_per_token: usize,
+    /// The head's part of `read_per_token`.
+    head: usize,
 }
 
 impl FloatBytes {
@@ -277,6 +314,7 @@ impl FloatBytes {
         Self {
             held: embeddings * embed_size + norms * size,
             read_per_token: (embedding + cfg.hidden_size) * embed_size + norms * size,
+            head: embedding * embed_size,
         }
     }
 }
@@ -323,12 +361,7 @@ fn measure(
     }
 
     // The cache now holds the shortest prompt.
-    bar.set_message(format!("{label}: decode"));
-    let decode_profile = StepProfile::measure(opts.decode_tokens, || {
-        token = next_token(&model.forward(&[token], &mut cache, Logits::Last)?)?;
-        bar.inc(1);
-        Ok(())
-    })?;
+    let decode_profile = decode(model, &mut cache, token, opts, bar, label)?;
     let decode_tokens_per_s = 1.0 / decode_profile.step.as_secs_f64();
 
     let linear_bytes: usize = model.bitlinears().iter().map(|l| l.weight_bytes()).sum();
@@ -338,6 +371,50 @@ fn measure(
         decode_profile,
         weight_bytes: linear_bytes + float_bytes.held,
         bytes_per_decoded_token: linear_bytes + float_bytes.read_per_token,
+    })
+}
+
+/// `opts.decode_tokens` timed decode steps after what `cache` holds, from `token`.
+fn decode(
+    model: &BitnetModel,
+    cache: &mut KvCache,
+    mut token: u32,
+    opts: &BenchOptions,
+    bar: &ProgressBar,
+    label: &str,
+) -> Result<StepProfile> {
+    bar.set_message(format!("{label}: decode"));
+    StepProfile::measure(opts.decode_tokens, || {
+        token = next_token(&model.forward(&[token], cache, Logits::Last)?)?;
+        bar.inc(1);
+        Ok(())
+    })
+}
+
+/// Decode as [`measure`] times it (after the shortest prompt, same prompt) with the int8 head;
+/// `ternary` is the default head's measurement of the same model.
+fn measure_int8_head(
+    model: &BitnetModel,
+    opts: &BenchOptions,
+    ternary: &Throughput,
+    float_bytes: &FloatBytes,
+    bar: &ProgressBar,
+) -> Result<Int8HeadDecode> {
+    let Some(head) = model.int8_head() else {
+        bail!("measure_int8_head: the model has no int8 head")
+    };
+    let label = "int8 head";
+    let len = opts.prompt_lens.iter().copied().min().unwrap_or(1);
+    let prompt = synthetic::token_ids(len, model.vocab_size(), opts.seed ^ len as u64);
+    let mut cache = model.new_kv_cache();
+    bar.set_message(format!("{label}: prefill {len}"));
+    let token = next_token(&model.forward(&prompt, &mut cache, Logits::Last)?)?;
+    bar.inc(len as u64);
+    let decode_profile = decode(model, &mut cache, token, opts, bar, label)?;
+    Ok(Int8HeadDecode {
+        decode_tokens_per_s: 1.0 / decode_profile.step.as_secs_f64(),
+        decode_profile,
+        bytes_per_decoded_token: ternary.bytes_per_decoded_token - float_bytes.head + head.bytes(),
     })
 }
 
@@ -465,6 +542,7 @@ impl BenchReport {
                 .into()
         };
         let dense = self.dense.as_ref();
+        let int8 = self.int8_head.as_ref();
         let bw = self.measured_bandwidth_bytes_per_s;
         serde_json::json!({
             "preset": self.preset,
@@ -477,6 +555,9 @@ impl BenchReport {
             "decode_tokens_per_s": self.ternary.decode_tokens_per_s,
             "decode_profile_ms": self.ternary.decode_profile.to_json(),
             "dense_decode_tokens_per_s": dense.map(|d| d.decode_tokens_per_s),
+            "int8_head_decode_tokens_per_s": int8.map(|i| i.decode_tokens_per_s),
+            "int8_head_decode_profile_ms": int8.map(|i| i.decode_profile.to_json()),
+            "int8_head_bytes_per_decoded_token": int8.map(|i| i.bytes_per_decoded_token),
             "prefill_tokens_per_s": by_len(&self.ternary),
             "dense_prefill_tokens_per_s": dense.map(by_len),
             "dense_dtype": format!("{:?}", self.dense_dtype).to_lowercase(),
@@ -529,6 +610,17 @@ impl BenchReport {
             d.map(|d| format!("{:.2}", d.decode_tokens_per_s)),
             d.map(|d| t.decode_tokens_per_s / d.decode_tokens_per_s),
         ));
+        if let Some(i) = &self.int8_head {
+            rows.push((
+                format!(
+                    "decode, batch 1, int8 head (tok/s; {:.2}× the default head)",
+                    i.decode_tokens_per_s / t.decode_tokens_per_s
+                ),
+                format!("{:.2}", i.decode_tokens_per_s),
+                None,
+                None,
+            ));
+        }
         rows.push((
             "weight bytes in memory".into(),
             gb(t.weight_bytes as f64),
@@ -541,6 +633,14 @@ impl BenchReport {
             d.map(|d| gb(d.bytes_per_decoded_token as f64)),
             d.map(|d| t.bytes_per_decoded_token as f64 / d.bytes_per_decoded_token as f64),
         ));
+        if let Some(i) = &self.int8_head {
+            rows.push((
+                "weight bytes read per decoded token, int8 head".into(),
+                gb(i.bytes_per_decoded_token as f64),
+                None,
+                None,
+            ));
+        }
         rows.push((
             "decode ÷ bandwidth limit".into(),
             format!("{:.1}%", 100.0 * t.bandwidth_fraction(bw)),
@@ -580,6 +680,9 @@ impl BenchReport {
         );
         out += "\n| where a decode step goes (ms) | projections | attention | norms | head | other | step |\n|---|---:|---:|---:|---:|---:|---:|\n";
         out += &self.ternary.decode_profile.row("batch 1, ternary");
+        if let Some(i) = &self.int8_head {
+            out += &i.decode_profile.row("batch 1, ternary, int8 head");
+        }
         for b in &self.batch_decode {
             out += &b.step_profile.row(&format!("batch {} step", b.batch));
         }
