@@ -92,6 +92,42 @@ impl StepProfile {
         })
     }
 
+    /// Times `steps` calls of `a` and of `b`, alternating, so that both see the same machine:
+    /// a shared machine's load drifts within seconds, and the ratio is the number wanted.
+    fn measure_alternating(
+        steps: usize,
+        mut a: impl FnMut() -> Result<()>,
+        mut b: impl FnMut() -> Result<()>,
+    ) -> Result<(Self, Self)> {
+        let mut totals = [(Duration::ZERO, [Duration::ZERO; 4]); 2];
+        let timed = |total: &mut (Duration, [Duration; 4]),
+                     step: &mut dyn FnMut() -> Result<()>|
+         -> Result<()> {
+            profile::take();
+            let start = Instant::now();
+            step()?;
+            total.0 += start.elapsed();
+            for (sum, d) in total.1.iter_mut().zip(profile::take()) {
+                *sum += d;
+            }
+            Ok(())
+        };
+        profile::enable(true);
+        let ran = (0..steps).try_for_each(|_| {
+            let [ta, tb] = &mut totals;
+            timed(ta, &mut a)?;
+            timed(tb, &mut b)
+        });
+        profile::enable(false);
+        ran?;
+        let n = steps.max(1) as u32;
+        let [a, b] = totals.map(|(step, stages)| Self {
+            step: step / n,
+            stages: stages.map(|d| d / n),
+        });
+        Ok((a, b))
+    }
+
     /// What no stage accounts for: embedding, residual adds, relu²·up, sampling, gaps.
     pub fn other(&self) -> Duration {
         self.step.saturating_sub(self.stages.iter().sum())
@@ -227,26 +263,36 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
     let ternary_bits_per_weight =
         8.0 * (packed_bytes + 4 * model.bitlinears().len()) as f64 / ternary_weights as f64;
     let float_bytes = FloatBytes::new(&cfg, ternary_weights, dtype, device);
-    let ternary = measure(&model, opts, &float_bytes, &bar, "ternary")?;
+    let int8_model = if opts.int8_head {
+        bar.set_message("quantizing the head to int8");
+        Some(model.clone().with_int8_head()?)
+    } else {
+        None
+    };
+    let (ternary, int8_profile) = measure(
+        &model,
+        int8_model.as_ref(),
+        opts,
+        &float_bytes,
+        &bar,
+        "ternary",
+    )?;
+    let int8_head = match (&int8_model, int8_profile) {
+        (Some(m), Some(decode_profile)) => Some(Int8HeadDecode {
+            decode_tokens_per_s: 1.0 / decode_profile.step.as_secs_f64(),
+            decode_profile,
+            bytes_per_decoded_token: ternary.bytes_per_decoded_token - float_bytes.head
+                + m.int8_head().map_or(0, |h| h.bytes()),
+        }),
+        _ => None,
+    };
+    drop(int8_model);
     let batch_decode = opts
         .batch
         .iter()
         .map(|&b| measure_batch(&model, b, opts, &bar))
         .collect::<Result<Vec<_>>>()?;
     let peak_rss_bytes = peak_rss();
-    let int8_head = if opts.int8_head {
-        bar.set_message("quantizing the head to int8");
-        let int8 = model.clone().with_int8_head()?;
-        Some(measure_int8_head(
-            &int8,
-            opts,
-            &ternary,
-            &float_bytes,
-            &bar,
-        )?)
-    } else {
-        None
-    };
 
     bar.set_message("measuring copy bandwidth");
     let measured_bandwidth_bytes_per_s = copy_bandwidth(device, opts.copy_bytes)?;
@@ -255,7 +301,7 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
         bar.set_message(format!("building dense {dtype:?} model"));
         let dense = model.to_dense(dtype)?;
         drop(model);
-        Some(measure(&dense, opts, &float_bytes, &bar, "dense")?)
+        Some(measure(&dense, None, opts, &float_bytes, &bar, "dense")?.0)
     } else {
         None
     };
@@ -330,14 +376,17 @@ fn progress_bar(len: u64) -> Result<ProgressBar> {
     Ok(bar)
 }
 
-/// Prefill at every prompt length (longest first), then decode after the shortest prompt.
+/// Prefill at every prompt length (longest first), then decode after the shortest prompt;
+/// with `int8` (the same model with the int8 head) also its decode after the same prompt, step
+/// for step alternating with `model`'s.
 fn measure(
     model: &BitnetModel,
+    int8: Option<&BitnetModel>,
     opts: &BenchOptions,
     float_bytes: &FloatBytes,
     bar: &ProgressBar,
     label: &str,
-) -> Result<Throughput> {
+) -> Result<(Throughput, Option<StepProfile>)> {
     let vocab = model.vocab_size();
     let prompt = |len: usize| synthetic::token_ids(len, vocab, opts.seed ^ len as u64);
     let mut cache = model.new_kv_cache();
@@ -361,61 +410,44 @@ fn measure(
     }
 
     // The cache now holds the shortest prompt.
-    let decode_profile = decode(model, &mut cache, token, opts, bar, label)?;
+    let step = |model: &BitnetModel, cache: &mut KvCache, token: &mut u32| -> Result<()> {
+        *token = next_token(&model.forward(&[*token], cache, Logits::Last)?)?;
+        bar.inc(1);
+        Ok(())
+    };
+    let (decode_profile, int8_profile) = match int8 {
+        None => {
+            bar.set_message(format!("{label}: decode"));
+            let decode = || step(model, &mut cache, &mut token);
+            (StepProfile::measure(opts.decode_tokens, decode)?, None)
+        }
+        Some(int8) => {
+            let shortest = lens.last().copied().unwrap_or(1);
+            bar.set_message(format!("{label}, int8 head: prefill {shortest}"));
+            let mut cache8 = int8.new_kv_cache();
+            let mut token8 =
+                next_token(&int8.forward(&prompt(shortest), &mut cache8, Logits::Last)?)?;
+            bar.inc(shortest as u64);
+            bar.set_message(format!("{label}: decode, default and int8 heads"));
+            let (a, b) = StepProfile::measure_alternating(
+                opts.decode_tokens,
+                || step(model, &mut cache, &mut token),
+                || step(int8, &mut cache8, &mut token8),
+            )?;
+            (a, Some(b))
+        }
+    };
     let decode_tokens_per_s = 1.0 / decode_profile.step.as_secs_f64();
 
     let linear_bytes: usize = model.bitlinears().iter().map(|l| l.weight_bytes()).sum();
-    Ok(Throughput {
+    let throughput = Throughput {
         prefill_tokens_per_s,
         decode_tokens_per_s,
         decode_profile,
         weight_bytes: linear_bytes + float_bytes.held,
         bytes_per_decoded_token: linear_bytes + float_bytes.read_per_token,
-    })
-}
-
-/// `opts.decode_tokens` timed decode steps after what `cache` holds, from `token`.
-fn decode(
-    model: &BitnetModel,
-    cache: &mut KvCache,
-    mut token: u32,
-    opts: &BenchOptions,
-    bar: &ProgressBar,
-    label: &str,
-) -> Result<StepProfile> {
-    bar.set_message(format!("{label}: decode"));
-    StepProfile::measure(opts.decode_tokens, || {
-        token = next_token(&model.forward(&[token], cache, Logits::Last)?)?;
-        bar.inc(1);
-        Ok(())
-    })
-}
-
-/// Decode as [`measure`] times it (after the shortest prompt, same prompt) with the int8 head;
-/// `ternary` is the default head's measurement of the same model.
-fn measure_int8_head(
-    model: &BitnetModel,
-    opts: &BenchOptions,
-    ternary: &Throughput,
-    float_bytes: &FloatBytes,
-    bar: &ProgressBar,
-) -> Result<Int8HeadDecode> {
-    let Some(head) = model.int8_head() else {
-        bail!("measure_int8_head: the model has no int8 head")
     };
-    let label = "int8 head";
-    let len = opts.prompt_lens.iter().copied().min().unwrap_or(1);
-    let prompt = synthetic::token_ids(len, model.vocab_size(), opts.seed ^ len as u64);
-    let mut cache = model.new_kv_cache();
-    bar.set_message(format!("{label}: prefill {len}"));
-    let token = next_token(&model.forward(&prompt, &mut cache, Logits::Last)?)?;
-    bar.inc(len as u64);
-    let decode_profile = decode(model, &mut cache, token, opts, bar, label)?;
-    Ok(Int8HeadDecode {
-        decode_tokens_per_s: 1.0 / decode_profile.step.as_secs_f64(),
-        decode_profile,
-        bytes_per_decoded_token: ternary.bytes_per_decoded_token - float_bytes.head + head.bytes(),
-    })
+    Ok((throughput, int8_profile))
 }
 
 /// `batch` sequences prefilled with prompts of the shortest prompt length, then
