@@ -33,6 +33,9 @@ pub struct BenchOptions {
     pub batch: Vec<usize>,
     /// Decode steps timed at each batch size.
     pub batch_steps: usize,
+    /// Also measure batch-1 decode with the int8 LM head ([`crate::HeadDtype::Int8`], CPU
+    /// only), beside the default head.
+    pub int8_head: bool,
 }
 
 impl Default for BenchOptions {
@@ -46,6 +49,7 @@ impl Default for BenchOptions {
             copy_bytes: 1 << 30,
             batch: vec![],
             batch_steps: 16,
+            int8_head: false,
         }
     }
 }
@@ -88,6 +92,42 @@ impl StepProfile {
         })
     }
 
+    /// Times `steps` calls of `a` and of `b`, alternating, so that both see the same machine:
+    /// a shared machine's load drifts within seconds, and the ratio is the number wanted.
+    fn measure_alternating(
+        steps: usize,
+        mut a: impl FnMut() -> Result<()>,
+        mut b: impl FnMut() -> Result<()>,
+    ) -> Result<(Self, Self)> {
+        let mut totals = [(Duration::ZERO, [Duration::ZERO; 4]); 2];
+        let timed = |total: &mut (Duration, [Duration; 4]),
+                     step: &mut dyn FnMut() -> Result<()>|
+         -> Result<()> {
+            profile::take();
+            let start = Instant::now();
+            step()?;
+            total.0 += start.elapsed();
+            for (sum, d) in total.1.iter_mut().zip(profile::take()) {
+                *sum += d;
+            }
+            Ok(())
+        };
+        profile::enable(true);
+        let ran = (0..steps).try_for_each(|_| {
+            let [ta, tb] = &mut totals;
+            timed(ta, &mut a)?;
+            timed(tb, &mut b)
+        });
+        profile::enable(false);
+        ran?;
+        let n = steps.max(1) as u32;
+        let [a, b] = totals.map(|(step, stages)| Self {
+            step: step / n,
+            stages: stages.map(|d| d / n),
+        });
+        Ok((a, b))
+    }
+
     /// What no stage accounts for: embedding, residual adds, relu²·up, sampling, gaps.
     pub fn other(&self) -> Duration {
         self.step.saturating_sub(self.stages.iter().sum())
@@ -115,6 +155,15 @@ impl StepProfile {
             ms(self.step)
         )
     }
+}
+
+/// Batch-1 decode of the same ternary model with its head quantized per row to int8.
+#[derive(Debug, Clone)]
+pub struct Int8HeadDecode {
+    pub decode_tokens_per_s: f64,
+    pub decode_profile: StepProfile,
+    /// As [`Throughput::bytes_per_decoded_token`], with the int8 head's bytes for the head's.
+    pub bytes_per_decoded_token: usize,
 }
 
 /// Throughput and traffic of one model.
@@ -159,6 +208,8 @@ pub struct BenchReport {
     /// `VmHWM` at the end of the run.
     pub peak_rss_with_dense_bytes: Option<u64>,
     pub batch_decode: Vec<BatchDecode>,
+    /// With [`BenchOptions::int8_head`].
+    pub int8_head: Option<Int8HeadDecode>,
 }
 
 /// Runs the benchmark on `device`, drawing a progress bar on stderr.
@@ -193,9 +244,15 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
             cfg.max_position_embeddings
         )
     }
+    if opts.int8_head {
+        crate::HeadDtype::Int8
+            .check_device(&device.location())
+            .map_err(candle_core::Error::wrap)?;
+    }
     let dtype = crate::device::compute_dtype(device);
     let tokens_per_model = opts.prompt_lens.iter().sum::<usize>() + opts.decode_tokens;
-    let bar = progress_bar((tokens_per_model * (1 + opts.dense as usize)) as u64)?;
+    let int8_tokens = opts.int8_head as usize * (shortest + opts.decode_tokens);
+    let bar = progress_bar((tokens_per_model * (1 + opts.dense as usize) + int8_tokens) as u64)?;
 
     bar.set_message("building ternary model");
     let model = synthetic::build(&cfg, opts.seed, dtype, device)?;
@@ -206,7 +263,30 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
     let ternary_bits_per_weight =
         8.0 * (packed_bytes + 4 * model.bitlinears().len()) as f64 / ternary_weights as f64;
     let float_bytes = FloatBytes::new(&cfg, ternary_weights, dtype, device);
-    let ternary = measure(&model, opts, &float_bytes, &bar, "ternary")?;
+    let int8_model = if opts.int8_head {
+        bar.set_message("quantizing the head to int8");
+        Some(model.clone().with_int8_head()?)
+    } else {
+        None
+    };
+    let (ternary, int8_profile) = measure(
+        &model,
+        int8_model.as_ref(),
+        opts,
+        &float_bytes,
+        &bar,
+        "ternary",
+    )?;
+    let int8_head = match (&int8_model, int8_profile) {
+        (Some(m), Some(decode_profile)) => Some(Int8HeadDecode {
+            decode_tokens_per_s: 1.0 / decode_profile.step.as_secs_f64(),
+            decode_profile,
+            bytes_per_decoded_token: ternary.bytes_per_decoded_token - float_bytes.head
+                + m.int8_head().map_or(0, |h| h.bytes()),
+        }),
+        _ => None,
+    };
+    drop(int8_model);
     let batch_decode = opts
         .batch
         .iter()
@@ -221,7 +301,7 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
         bar.set_message(format!("building dense {dtype:?} model"));
         let dense = model.to_dense(dtype)?;
         drop(model);
-        Some(measure(&dense, opts, &float_bytes, &bar, "dense")?)
+        Some(measure(&dense, None, opts, &float_bytes, &bar, "dense")?.0)
     } else {
         None
     };
@@ -242,6 +322,7 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
         peak_rss_bytes,
         peak_rss_with_dense_bytes: peak_rss(),
         batch_decode,
+        int8_head,
     })
 }
 
@@ -261,6 +342,8 @@ struct FloatBytes {
     held: usize,
     /// Head, norms and one embedding row: what a decode step reads besides the projections.
     read_per_token: usize,
+    /// The head's part of `read_per_token`.
+    head: usize,
 }
 
 impl FloatBytes {
@@ -277,6 +360,7 @@ impl FloatBytes {
         Self {
             held: embeddings * embed_size + norms * size,
             read_per_token: (embedding + cfg.hidden_size) * embed_size + norms * size,
+            head: embedding * embed_size,
         }
     }
 }
@@ -292,14 +376,17 @@ fn progress_bar(len: u64) -> Result<ProgressBar> {
     Ok(bar)
 }
 
-/// Prefill at every prompt length (longest first), then decode after the shortest prompt.
+/// Prefill at every prompt length (longest first), then decode after the shortest prompt;
+/// with `int8` (the same model with the int8 head) also its decode after the same prompt, step
+/// for step alternating with `model`'s.
 fn measure(
     model: &BitnetModel,
+    int8: Option<&BitnetModel>,
     opts: &BenchOptions,
     float_bytes: &FloatBytes,
     bar: &ProgressBar,
     label: &str,
-) -> Result<Throughput> {
+) -> Result<(Throughput, Option<StepProfile>)> {
     let vocab = model.vocab_size();
     let prompt = |len: usize| synthetic::token_ids(len, vocab, opts.seed ^ len as u64);
     let mut cache = model.new_kv_cache();
@@ -323,22 +410,44 @@ fn measure(
     }
 
     // The cache now holds the shortest prompt.
-    bar.set_message(format!("{label}: decode"));
-    let decode_profile = StepProfile::measure(opts.decode_tokens, || {
-        token = next_token(&model.forward(&[token], &mut cache, Logits::Last)?)?;
+    let step = |model: &BitnetModel, cache: &mut KvCache, token: &mut u32| -> Result<()> {
+        *token = next_token(&model.forward(&[*token], cache, Logits::Last)?)?;
         bar.inc(1);
         Ok(())
-    })?;
+    };
+    let (decode_profile, int8_profile) = match int8 {
+        None => {
+            bar.set_message(format!("{label}: decode"));
+            let decode = || step(model, &mut cache, &mut token);
+            (StepProfile::measure(opts.decode_tokens, decode)?, None)
+        }
+        Some(int8) => {
+            let shortest = lens.last().copied().unwrap_or(1);
+            bar.set_message(format!("{label}, int8 head: prefill {shortest}"));
+            let mut cache8 = int8.new_kv_cache();
+            let mut token8 =
+                next_token(&int8.forward(&prompt(shortest), &mut cache8, Logits::Last)?)?;
+            bar.inc(shortest as u64);
+            bar.set_message(format!("{label}: decode, default and int8 heads"));
+            let (a, b) = StepProfile::measure_alternating(
+                opts.decode_tokens,
+                || step(model, &mut cache, &mut token),
+                || step(int8, &mut cache8, &mut token8),
+            )?;
+            (a, Some(b))
+        }
+    };
     let decode_tokens_per_s = 1.0 / decode_profile.step.as_secs_f64();
 
     let linear_bytes: usize = model.bitlinears().iter().map(|l| l.weight_bytes()).sum();
-    Ok(Throughput {
+    let throughput = Throughput {
         prefill_tokens_per_s,
         decode_tokens_per_s,
         decode_profile,
         weight_bytes: linear_bytes + float_bytes.held,
         bytes_per_decoded_token: linear_bytes + float_bytes.read_per_token,
-    })
+    };
+    Ok((throughput, int8_profile))
 }
 
 /// `batch` sequences prefilled with prompts of the shortest prompt length, then
@@ -465,6 +574,7 @@ impl BenchReport {
                 .into()
         };
         let dense = self.dense.as_ref();
+        let int8 = self.int8_head.as_ref();
         let bw = self.measured_bandwidth_bytes_per_s;
         serde_json::json!({
             "preset": self.preset,
@@ -477,6 +587,9 @@ impl BenchReport {
             "decode_tokens_per_s": self.ternary.decode_tokens_per_s,
             "decode_profile_ms": self.ternary.decode_profile.to_json(),
             "dense_decode_tokens_per_s": dense.map(|d| d.decode_tokens_per_s),
+            "int8_head_decode_tokens_per_s": int8.map(|i| i.decode_tokens_per_s),
+            "int8_head_decode_profile_ms": int8.map(|i| i.decode_profile.to_json()),
+            "int8_head_bytes_per_decoded_token": int8.map(|i| i.bytes_per_decoded_token),
             "prefill_tokens_per_s": by_len(&self.ternary),
             "dense_prefill_tokens_per_s": dense.map(by_len),
             "dense_dtype": format!("{:?}", self.dense_dtype).to_lowercase(),
@@ -529,6 +642,17 @@ impl BenchReport {
             d.map(|d| format!("{:.2}", d.decode_tokens_per_s)),
             d.map(|d| t.decode_tokens_per_s / d.decode_tokens_per_s),
         ));
+        if let Some(i) = &self.int8_head {
+            rows.push((
+                format!(
+                    "decode, batch 1, int8 head (tok/s; {:.2}× the default head)",
+                    i.decode_tokens_per_s / t.decode_tokens_per_s
+                ),
+                format!("{:.2}", i.decode_tokens_per_s),
+                None,
+                None,
+            ));
+        }
         rows.push((
             "weight bytes in memory".into(),
             gb(t.weight_bytes as f64),
@@ -541,6 +665,14 @@ impl BenchReport {
             d.map(|d| gb(d.bytes_per_decoded_token as f64)),
             d.map(|d| t.bytes_per_decoded_token as f64 / d.bytes_per_decoded_token as f64),
         ));
+        if let Some(i) = &self.int8_head {
+            rows.push((
+                "weight bytes read per decoded token, int8 head".into(),
+                gb(i.bytes_per_decoded_token as f64),
+                None,
+                None,
+            ));
+        }
         rows.push((
             "decode ÷ bandwidth limit".into(),
             format!("{:.1}%", 100.0 * t.bandwidth_fraction(bw)),
@@ -580,6 +712,9 @@ impl BenchReport {
         );
         out += "\n| where a decode step goes (ms) | projections | attention | norms | head | other | step |\n|---|---:|---:|---:|---:|---:|---:|\n";
         out += &self.ternary.decode_profile.row("batch 1, ternary");
+        if let Some(i) = &self.int8_head {
+            out += &i.decode_profile.row("batch 1, ternary, int8 head");
+        }
         for b in &self.batch_decode {
             out += &b.step_profile.row(&format!("batch {} step", b.batch));
         }

@@ -233,8 +233,15 @@ const REPLY_MARKER: &str = "\u{1}bitnet-reply\u{1}";
 impl Generator {
     /// Loads `model` (a hub id, fetched at `revision`, or a directory) onto `device`.
     pub fn from_pretrained(model: &str, revision: &str, device: &Device) -> Result<Self> {
+        Self::from_pretrained_with(model, revision, &LoadOptions::new(device))
+    }
+
+    /// Like [`Self::from_pretrained`], loaded as `opts` says (device, dtype, head).
+    pub fn from_pretrained_with(model: &str, revision: &str, opts: &LoadOptions) -> Result<Self> {
+        // Before a download that could only end in this error.
+        opts.head.check_device(&opts.device.location())?;
         let files = ModelFiles::resolve(model, revision).map_err(model_fault)?;
-        Self::load(&files, device)
+        Self::load_with(&files, opts)
     }
 
     /// Loads resolved files onto `device`, in [`crate::device::compute_dtype`].

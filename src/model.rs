@@ -527,6 +527,15 @@ pub struct SeqInput<'a> {
     pub logits: Logits,
 }
 
+/// The LM head's weights.
+#[derive(Debug, Clone)]
+enum LmHead {
+    /// `[vocab, hidden]`: the embedding matrix when tied.
+    Float(Tensor),
+    /// Per-row int8 ([`crate::HeadDtype::Int8`]), CPU only.
+    Int8(Arc<crate::ops::Int8Head>),
+}
+
 /// The weights of a BitNet b1.58 causal LM: immutable, `Send + Sync`, shared (`Arc`) by every
 /// sequence; each sequence's state is its own [`KvCache`].
 #[derive(Debug, Clone)]
@@ -535,8 +544,7 @@ pub struct BitnetModel {
     layers: Vec<DecoderLayer>,
     rotary: Arc<RotaryEmbedding>,
     norm: RmsNorm,
-    /// `[vocab, hidden]`: the embedding matrix when tied.
-    lm_head: Tensor,
+    lm_head: LmHead,
     vocab_size: usize,
     max_position_embeddings: usize,
     dtype: DType,
@@ -574,7 +582,7 @@ impl BitnetModel {
             layers,
             rotary,
             norm,
-            lm_head,
+            lm_head: LmHead::Float(lm_head),
             vocab_size: cfg.vocab_size,
             max_position_embeddings: cfg.max_position_embeddings,
             dtype: vb.dtype(),
@@ -591,8 +599,30 @@ impl BitnetModel {
         self.dtype
     }
 
-    pub fn head_dtype(&self) -> DType {
-        self.lm_head.dtype()
+    /// The dtype the embedding matrix (and a float head) is held in.
+    pub fn embedding_dtype(&self) -> DType {
+        self.embed_tokens.embeddings().dtype()
+    }
+
+    /// The head quantized per row to int8, when the model uses one ([`Self::with_int8_head`]).
+    pub fn int8_head(&self) -> Option<&Arc<crate::ops::Int8Head>> {
+        match &self.lm_head {
+            LmHead::Int8(head) => Some(head),
+            LmHead::Float(_) => None,
+        }
+    }
+
+    /// The same model with its LM head quantized per row to int8 ([`crate::HeadDtype::Int8`]):
+    /// the embedding lookup is unchanged; an untied float head is dropped. CPU only: on another
+    /// device this is an error naming the problem.
+    pub fn with_int8_head(mut self) -> Result<Self> {
+        crate::HeadDtype::Int8
+            .check_device(&self.device.location())
+            .map_err(candle_core::Error::wrap)?;
+        if let LmHead::Float(w) = &self.lm_head {
+            self.lm_head = LmHead::Int8(Arc::new(crate::ops::Int8Head::from_tensor(w)?));
+        }
+        Ok(self)
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -789,12 +819,14 @@ impl BitnetModel {
 
     /// `x: [rows, hidden]` → f32 logits `[rows, vocab]`.
     fn project_to_vocab(&self, x: &Tensor) -> Result<Tensor> {
-        if self.lm_head.dtype() == DType::BF16 && x.dtype() == DType::F32 && self.device.is_cpu() {
-            return crate::ops::matmul_bf16_weight(x, &self.lm_head);
+        let w = match &self.lm_head {
+            LmHead::Int8(head) => return crate::ops::matmul_int8_head(x, head),
+            LmHead::Float(w) => w,
+        };
+        if w.dtype() == DType::BF16 && x.dtype() == DType::F32 && self.device.is_cpu() {
+            return crate::ops::matmul_bf16_weight(x, w);
         }
-        x.to_dtype(self.lm_head.dtype())?
-            .matmul(&self.lm_head.t()?)?
-            .to_dtype(DType::F32)
+        x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)
     }
 }
 

@@ -181,12 +181,14 @@ pub fn var_builder(
 }
 
 /// Builds the model from checkpoint files as `opts` says; the head dtype is chosen here, from
-/// what the files store ([`crate::LoadOptions::head_dtype`]).
+/// what the files store ([`crate::LoadOptions::head_dtype`]). A head the device cannot run
+/// ([`crate::HeadDtype::check_device`]) fails before any file is opened.
 pub fn load_model(
     cfg: &crate::Config,
     paths: &[PathBuf],
     opts: &LoadOptions,
 ) -> Result<BitnetModel> {
+    opts.head.check_device(&opts.device.location())?;
     let weights = CheckedSafetensors::open(paths)?;
     let mut vocab_matrices = vec!["model.embed_tokens.weight"];
     if !cfg.tie_word_embeddings {
@@ -198,8 +200,14 @@ pub fn load_model(
         .all(|n| weights.stored_dtype(n) == Some(DType::BF16));
     let stored = if all_bf16 { DType::BF16 } else { dtype };
     let vb = weights.into_var_builder(dtype, &opts.device);
-    BitnetModel::new_with_head_dtype(cfg, vb, opts.head_dtype(stored))
-        .map_err(|e| Error::model(crate::error::candle_message(&e)))
+    let model_fault = |e: candle_core::Error| Error::model(crate::error::candle_message(&e));
+    let model =
+        BitnetModel::new_with_head_dtype(cfg, vb, opts.head_dtype(stored)).map_err(model_fault)?;
+    match opts.head {
+        // The device was checked above: what fails here is the weights (a non-finite value).
+        crate::HeadDtype::Int8 => model.with_int8_head().map_err(model_fault),
+        crate::HeadDtype::Auto | crate::HeadDtype::Compute => Ok(model),
+    }
 }
 
 /// Loads `config.json` and the weights of a checkpoint directory in the hub layout as a

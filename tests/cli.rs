@@ -377,3 +377,43 @@ fn bad_sampling_settings_are_errors() -> Result<()> {
     assert!(err.contains("temperature"), "{err}");
     Ok(())
 }
+
+#[test]
+fn int8_head_decodes_the_reference_greedy_ids() -> Result<()> {
+    // The fixture's greedy ids survive the int8 head (tests/fixture.rs measures its logits).
+    let expected = Expected::load()?;
+    let prompt = expected.ids("ids_len23", "prompt_ids");
+    let tmp = tempfile::tempdir()?;
+    let json = tmp.path().join("out.json");
+    let (f, ids, j) = (fixture(), ids_arg(&prompt), json.display().to_string());
+    let out = bitnet(
+        &[
+            "generate",
+            "--model",
+            &f,
+            "--cpu",
+            "--head",
+            "int8",
+            "--prompt-ids",
+            &ids,
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--max-tokens",
+            "16",
+            "--output-json",
+            &j,
+        ],
+        tmp.path(),
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        json_ids(&read_json(&json)?["generated_ids"]),
+        expected.ids("ids_len23", "greedy_ids")
+    );
+    Ok(())
+}

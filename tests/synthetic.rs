@@ -113,6 +113,7 @@ fn bench_runs_on_a_config_json_and_writes_every_key() -> Result<()> {
         copy_bytes: 1 << 24,
         batch: vec![1, 3],
         batch_steps: 2,
+        int8_head: true,
         ..Default::default()
     };
     let report = bench::run(&opts, &Device::Cpu)?;
@@ -126,6 +127,8 @@ fn bench_runs_on_a_config_json_and_writes_every_key() -> Result<()> {
         "threads",
         "decode_tokens_per_s",
         "dense_decode_tokens_per_s",
+        "int8_head_decode_tokens_per_s",
+        "int8_head_bytes_per_decoded_token",
         "ternary_bits_per_weight",
         "weight_bytes",
         "dense_weight_bytes",
@@ -161,7 +164,16 @@ fn bench_runs_on_a_config_json_and_writes_every_key() -> Result<()> {
         .dense
         .as_ref()
         .is_some_and(|d| d.weight_bytes > report.ternary.weight_bytes));
+    // The tied bf16 head (512 × 128) read as int8 plus an f32 scale per row.
+    assert_eq!(
+        json["bytes_per_decoded_token"]
+            .as_u64()
+            .map(|b| b - 512 * 128 * 2 + 512 * 128 + 512 * 4),
+        json["int8_head_bytes_per_decoded_token"].as_u64()
+    );
+    assert!(json["int8_head_decode_profile_ms"]["head"].is_number());
     assert!(report.table().contains("decode, batch 1"));
+    assert!(report.table().contains("decode, batch 1, int8 head"));
     assert!(report.table().contains("| 3 |"));
     Ok(())
 }

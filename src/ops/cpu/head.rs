@@ -123,13 +123,27 @@ impl Int8Head {
         Self::quantize(w, hidden, |v| v)
     }
 
-    /// Quantizes a head tensor `[vocab, hidden]` (bf16, f16 or f32, on any device).
+    /// Quantizes a head tensor `[vocab, hidden]` (bf16, f16 or f32, on any device). A
+    /// contiguous bf16 or f32 tensor on the CPU is read in place: no copy of the matrix.
     pub fn from_tensor(w: &Tensor) -> Result<Self> {
         let (_, hidden) = w.dims2()?;
-        let w = w.to_device(&candle_core::Device::Cpu)?.flatten_all()?;
-        match w.dtype() {
-            DType::BF16 => Self::from_bf16(&w.to_vec1::<bf16>()?, hidden),
-            _ => Self::from_f32(&w.to_dtype(DType::F32)?.to_vec1::<f32>()?, hidden),
+        let w = match w.dtype() {
+            DType::BF16 | DType::F32 => w.to_device(&candle_core::Device::Cpu)?,
+            _ => w
+                .to_device(&candle_core::Device::Cpu)?
+                .to_dtype(DType::F32)?,
+        }
+        .contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let (candle_core::Storage::Cpu(storage), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            bail!("int8 head: the weights did not arrive contiguous on the CPU")
+        };
+        match storage {
+            CpuStorage::BF16(v) => Self::from_bf16(&v[start..end], hidden),
+            CpuStorage::F32(v) => Self::from_f32(&v[start..end], hidden),
+            other => bail!("int8 head: {:?} weights after conversion", other.dtype()),
         }
     }
 
@@ -694,4 +708,62 @@ unsafe fn bf16_block<const R: usize, const T: usize>(
         }
     }
     dots
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn weights(vocab: usize, hidden: usize) -> Vec<f32> {
+        // Distinct magnitudes per row, both signs, a zero row.
+        (0..vocab * hidden)
+            .map(|i| {
+                let (v, h) = (i / hidden, i % hidden);
+                if v == 2 {
+                    0.0
+                } else {
+                    ((h * 7 + v * 3) % 23) as f32 * 0.01 * (v + 1) as f32 - 0.1
+                }
+            })
+            .collect()
+    }
+
+    fn same(a: &Int8Head, b: &Int8Head) {
+        assert_eq!((a.vocab(), a.hidden()), (b.vocab(), b.hidden()));
+        assert_eq!(a.values(), b.values());
+        assert_eq!(a.scales(), b.scales());
+    }
+
+    #[test]
+    fn from_tensor_quantizes_what_the_slices_hold() -> Result<()> {
+        let (vocab, hidden) = (5, 40);
+        let w = weights(vocab, hidden);
+        let from_f32 = Int8Head::from_f32(&w, hidden)?;
+        assert!(from_f32.values().iter().any(|&q| q == 127 || q == -127));
+        let t = Tensor::from_vec(w.clone(), (vocab, hidden), &Device::Cpu)?;
+        same(&Int8Head::from_tensor(&t)?, &from_f32);
+        // A transposed view is made contiguous first.
+        let t_t = Tensor::from_vec(w.clone(), (vocab, hidden), &Device::Cpu)?
+            .t()?
+            .contiguous()?
+            .t()?;
+        same(&Int8Head::from_tensor(&t_t)?, &from_f32);
+        let bf: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let t_bf = Tensor::from_vec(bf.clone(), (vocab, hidden), &Device::Cpu)?;
+        same(
+            &Int8Head::from_tensor(&t_bf)?,
+            &Int8Head::from_bf16(&bf, hidden)?,
+        );
+        let t_f16 = t.to_dtype(DType::F16)?;
+        let f16_values = t_f16
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        same(
+            &Int8Head::from_tensor(&t_f16)?,
+            &Int8Head::from_f32(&f16_values, hidden)?,
+        );
+        Ok(())
+    }
 }
