@@ -5,7 +5,9 @@
 //! arithmetic. Here a task is one query row and one KV head: it scores the row's `n_rep`
 //! query heads against the keys it may see, takes the softmax in f32 and sums the values,
 //! normalizing after the product with V as PyTorch's CPU flash attention (transformers' sdpa)
-//! does. A row's result depends only on its own sequence, so batching never changes it.
+//! does. Rows of more than `KEY_CHUNK` keys are cut into parts combined afterwards (as flash
+//! decoding does), so that one long sequence keeps every thread busy. A row's result depends
+//! only on its own sequence, so batching never changes it.
 //!
 //! Dot products use 16 f32 lanes summed in one fixed order, with FMA on AVX2 and AVX-512
 //! (the two give the same bits) and a separate multiply and add in the portable build.
@@ -85,25 +87,84 @@ pub fn attend_with(kernel: Kernel, shape: AttentionShape, seqs: &[SeqAttention],
     }
     assert_eq!(y.len(), rows.len() * qw, "attention output size");
     let scale = 1.0 / (hd as f32).sqrt();
-    y.par_chunks_mut(group * hd)
-        .enumerate()
-        .for_each(|(task, y)| {
-            let ((s, i, visible), g) = (rows[task / shape.kv_heads], task % shape.kv_heads);
+    let width = group * hd;
+    // Parts: a task's keys, KEY_CHUNK at a time; a task's parts are adjacent, from parts_of[task].
+    let tasks = rows.len() * shape.kv_heads;
+    let mut parts = Vec::with_capacity(tasks);
+    let mut parts_of = Vec::with_capacity(tasks + 1);
+    for task in 0..tasks {
+        parts_of.push(parts.len());
+        let visible = rows[task / shape.kv_heads].2;
+        parts.extend(
+            (0..visible)
+                .step_by(KEY_CHUNK)
+                .map(|c| (task, c..visible.min(c + KEY_CHUNK))),
+        );
+    }
+    parts_of.push(parts.len());
+    // Per part: its heads' unnormalized Σ exp(s − max)·V, then each head's (max, Σ exp).
+    let stride = width + 2 * group;
+    let mut partial = vec![0f32; parts.len() * stride];
+    partial
+        .par_chunks_mut(stride)
+        .zip(&parts)
+        .for_each(|(out, (task, keys))| {
+            let ((s, i, _), g) = (rows[task / shape.kv_heads], task % shape.kv_heads);
             let seq = &seqs[s];
-            let q = &seq.q[i * qw + g * group * hd..][..group * hd];
-            let head = g * seq.capacity * hd..(g * seq.capacity + visible) * hd;
+            let head = g * seq.capacity * hd;
+            let span = head + keys.start * hd..head + keys.end * hd;
             let job = Job {
                 hd,
-                q,
-                k: &seq.k[head.clone()],
-                v: &seq.v[head],
+                q: &seq.q[i * qw + g * width..][..width],
+                k: &seq.k[span.clone()],
+                v: &seq.v[span],
                 scale,
             };
             SCORES.with_borrow_mut(|scores| {
-                scores.resize(group * visible, 0.0);
-                run(kernel, &job, scores, y)
+                scores.resize(group * keys.len(), 0.0);
+                run(kernel, &job, scores, out)
             })
         });
+    // Combining is light: only many tasks are worth spreading.
+    y.par_chunks_mut(width)
+        .with_min_len(64)
+        .enumerate()
+        .for_each(|(task, y)| {
+            let task_parts = &partial[parts_of[task] * stride..parts_of[task + 1] * stride];
+            combine(task_parts, stride, hd, y)
+        });
+}
+
+/// Keys one part of a task scores at most. A long row is cut so that one sequence's few tasks
+/// (one per KV head) spread over the threads; the cut depends only on the row's own length,
+/// never on the rest of the batch, and a row of at most this many keys is one part, whose
+/// combination below changes no bit.
+const KEY_CHUNK: usize = 256;
+
+/// A task's output from its parts (`[acc of every head, (max, Σ exp) of every head]` each):
+/// every part rescaled to the largest max, summed in order, then normalized.
+fn combine(parts: &[f32], stride: usize, hd: usize, y: &mut [f32]) {
+    let width = y.len();
+    for (r, y) in y.chunks_exact_mut(hd).enumerate() {
+        let stat = |p: &[f32], k: usize| p[width + 2 * r + k];
+        let max = parts
+            .chunks_exact(stride)
+            .map(|p| stat(p, 0))
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        y.fill(0.0);
+        for p in parts.chunks_exact(stride) {
+            let w = (stat(p, 0) - max).exp();
+            sum += stat(p, 1) * w;
+            for (y, &a) in y.iter_mut().zip(&p[r * hd..][..hd]) {
+                *y += a * w;
+            }
+        }
+        let inv_sum = sum.recip();
+        for y in y.iter_mut() {
+            *y *= inv_sum;
+        }
+    }
 }
 
 thread_local! {
@@ -111,7 +172,7 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// One query row's heads of one KV head, against the keys it sees: that head's `[visible, hd]`.
+/// One query row's heads of one KV head against a span of the keys it sees, `[span, hd]`.
 struct Job<'a> {
     hd: usize,
     q: &'a [f32],
@@ -120,15 +181,15 @@ struct Job<'a> {
     scale: f32,
 }
 
-fn run(kernel: Kernel, job: &Job, scores: &mut [f32], y: &mut [f32]) {
+fn run(kernel: Kernel, job: &Job, scores: &mut [f32], out: &mut [f32]) {
     match kernel {
         // SAFETY: the kernel is only picked when the CPU has its features.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => unsafe { run_avx512(job, scores, y) },
+        Kernel::Avx512Vnni => unsafe { run_avx512(job, scores, out) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => unsafe { run_avx2(job, scores, y) },
-        _ => job_body::<false>(job, scores, y, dot),
+        Kernel::Avx2 => unsafe { run_avx2(job, scores, out) },
+        _ => job_body::<false>(job, scores, out, dot),
     }
 }
 
@@ -136,18 +197,20 @@ fn run(kernel: Kernel, job: &Job, scores: &mut [f32], y: &mut [f32]) {
 /// The CPU must support AVX-512F and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn run_avx512(job: &Job, scores: &mut [f32], y: &mut [f32]) {
+unsafe fn run_avx512(job: &Job, scores: &mut [f32], out: &mut [f32]) {
     // SAFETY: the features are this function's own.
-    job_body::<true>(job, scores, y, |a, b| unsafe { x86_dot::dot_avx512(a, b) })
+    job_body::<true>(job, scores, out, |a, b| unsafe {
+        x86_dot::dot_avx512(a, b)
+    })
 }
 
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2(job: &Job, scores: &mut [f32], y: &mut [f32]) {
+unsafe fn run_avx2(job: &Job, scores: &mut [f32], out: &mut [f32]) {
     // SAFETY: the features are this function's own.
-    job_body::<true>(job, scores, y, |a, b| unsafe { x86_dot::dot_avx2(a, b) })
+    job_body::<true>(job, scores, out, |a, b| unsafe { x86_dot::dot_avx2(a, b) })
 }
 
 /// [`dot`] with FMA in registers of 16 (AVX-512) or 8 (AVX2) lanes: left to itself the
@@ -217,7 +280,7 @@ mod x86_dot {
 fn job_body<const FMA: bool>(
     job: &Job,
     scores: &mut [f32],
-    y: &mut [f32],
+    out: &mut [f32],
     dot: impl Fn(&[f32], &[f32]) -> f32,
 ) {
     let hd = job.hd;
@@ -228,7 +291,11 @@ fn job_body<const FMA: bool>(
             scores[r * visible + j] = dot(q, k) * job.scale;
         }
     }
-    for (p, y) in scores.chunks_exact_mut(visible).zip(y.chunks_exact_mut(hd)) {
+    let (acc, stats) = out.split_at_mut(job.q.len());
+    let heads = scores
+        .chunks_exact_mut(visible)
+        .zip(acc.chunks_exact_mut(hd));
+    for ((p, acc), stat) in heads.zip(stats.chunks_exact_mut(2)) {
         let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for s in p.iter_mut() {
@@ -236,14 +303,11 @@ fn job_body<const FMA: bool>(
             sum += *s;
         }
         match hd {
-            128 => weigh_values::<FMA, 128>(p, job.v, y),
-            64 => weigh_values::<FMA, 64>(p, job.v, y),
-            _ => weigh_values::<FMA, 0>(p, job.v, y),
+            128 => weigh_values::<FMA, 128>(p, job.v, acc),
+            64 => weigh_values::<FMA, 64>(p, job.v, acc),
+            _ => weigh_values::<FMA, 0>(p, job.v, acc),
         }
-        let inv_sum = sum.recip();
-        for y in y.iter_mut() {
-            *y *= inv_sum;
-        }
+        stat.copy_from_slice(&[max, sum]);
     }
 }
 
