@@ -425,6 +425,66 @@ fn int8_head_matches_a_pure_reference() -> Result<()> {
     Ok(())
 }
 
+/// The int8 head's logits in the order every SIMD head kernel shares, written out independently
+/// of the crate: 32 lanes of fused multiply-adds over the full 32-wide chunks, the lanes summed
+/// in order, then the tail's products, the sum times the row's scale.
+fn int8_head_fma_reference(x: &[f32], values: &[i8], scales: &[f32], hidden: usize) -> Vec<f32> {
+    let full = hidden / 32 * 32;
+    let mut y = Vec::new();
+    for x in x.chunks_exact(hidden) {
+        for (w, &scale) in values.chunks_exact(hidden).zip(scales) {
+            let mut lanes = [0f32; 32];
+            for c in (0..full).step_by(32) {
+                for (l, lane) in lanes.iter_mut().enumerate() {
+                    *lane = (w[c + l] as f32).mul_add(x[c + l], *lane);
+                }
+            }
+            let tail = (full..hidden).map(|h| w[h] as f32 * x[h]);
+            let dot: f32 = lanes.iter().copied().chain(tail).sum();
+            y.push(dot * scale);
+        }
+    }
+    y
+}
+
+/// The SIMD int8 head kernels give the bits of [`int8_head_fma_reference`]: every token count
+/// of a register block and its leftovers, hidden sizes with and without tails, vocabularies
+/// that leave rows over from every row block.
+#[test]
+fn int8_head_simd_kernels_match_the_fma_order_bit_for_bit() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(21);
+    for &(vocab, hidden) in &[(1, 32), (7, 2560 + 7), (67, 33), (130, 96), (5, 31)] {
+        let w: Vec<f32> = (0..vocab * hidden)
+            .map(|_| rng.random_range(-0.1..0.1))
+            .collect();
+        let head = Int8Head::from_f32(&w, hidden)?;
+        for n in [1, 2, 3, 4, 5, 16] {
+            let x: Vec<f32> = (0..n * hidden)
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
+            let want = bits(&int8_head_fma_reference(
+                &x,
+                head.values(),
+                head.scales(),
+                hidden,
+            ));
+            assert!(want.iter().any(|&b| f32::from_bits(b) != 0.0));
+            for &kernel in Kernel::available() {
+                if kernel == Kernel::Portable {
+                    continue;
+                }
+                let mut y = vec![f32::NAN; n * vocab];
+                matmul_int8(kernel, &x, &head, &mut y)?;
+                assert!(
+                    bits(&y) == want,
+                    "{kernel:?} {n}×{hidden}→{vocab} differs from the FMA order"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn int8_head_refuses_bad_input() -> Result<()> {
     assert!(Int8Head::from_f32(&[1.0; 5], 2).is_err());

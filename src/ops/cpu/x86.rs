@@ -5,7 +5,6 @@
 //! so lane `i` of an accumulator is one output row throughout and nothing is reduced across
 //! lanes.
 
-use super::head::{dot_rows, HeadWeight, Task};
 use super::tiles::{BLOCK_BYTES, TILE_ROWS};
 use std::arch::x86_64::*;
 
@@ -242,33 +241,6 @@ unsafe fn avx2<const H: usize, const T: usize>(
             }
         }
     }
-}
-
-/// The LM head block compiled for AVX2 + FMA, two tokens per pass (16 ymm registers).
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn head_avx2<W: HeadWeight>(task: Task<W>) {
-    // Closures, not the function items: closures inherit this function's target features.
-    task.run_with::<2>(
-        |w, xs| dot_rows::<2, true, W>(w, xs),
-        |w, xs| dot_rows::<1, true, W>(w, xs),
-    )
-}
-
-/// The LM head block compiled for AVX-512F + FMA (the int8 head: the portable loop, eight
-/// tokens per pass).
-///
-/// # Safety
-/// The CPU must support AVX-512F and FMA.
-#[target_feature(enable = "avx512f,fma")]
-pub(super) unsafe fn head_avx512<W: HeadWeight>(task: Task<W>) {
-    // Closures, not the function items: closures inherit this function's target features.
-    task.run_with::<8>(
-        |w, xs| dot_rows::<8, true, W>(w, xs),
-        |w, xs| dot_rows::<1, true, W>(w, xs),
-    )
 }
 
 /// Activation quantization compiled for AVX2 (vector `roundps`, `maxps`).
