@@ -761,6 +761,10 @@ impl Engine {
     }
 
     fn serve(mut self, rx: mpsc::Receiver<Command>, shared: &Shared) {
+        // Waiting requests the handles' counter includes: handles count a request up when
+        // they send it, the engine counts it down when it leaves the queue. (Storing the
+        // queue's length instead would undo the count of a request still in the channel.)
+        let mut counted = 0;
         loop {
             let command = if self.is_idle() {
                 match rx.recv() {
@@ -780,11 +784,13 @@ impl Engine {
             match command {
                 Some(Command::Submit(id, request, sink, plan)) => {
                     self.enqueue(id, *request, sink, plan);
+                    counted += 1;
                     continue;
                 }
                 Some(Command::Cancel(id)) => self.cancel(id),
                 Some(Command::Shutdown) => {
                     self.cancel_all();
+                    shared.queued.fetch_sub(counted, Ordering::Relaxed);
                     shared.publish(&self.stats());
                     return;
                 }
@@ -792,6 +798,9 @@ impl Engine {
                     self.step();
                 }
             }
+            let left = counted - self.waiting.len().min(counted);
+            shared.queued.fetch_sub(left, Ordering::Relaxed);
+            counted -= left;
             shared.publish(&self.stats());
         }
     }
@@ -821,7 +830,7 @@ struct Shared {
     context: usize,
     opts: EngineOptions,
     next_id: AtomicU64,
-    /// Submitted and not yet admitted (handles count up, the engine publishes).
+    /// Submitted and not yet admitted (handles count up, the engine counts down).
     queued: AtomicUsize,
     running: AtomicUsize,
     kv_tokens: AtomicUsize,
@@ -831,7 +840,6 @@ struct Shared {
 
 impl Shared {
     fn publish(&self, s: &EngineStats) {
-        self.queued.store(s.queued, Ordering::Relaxed);
         self.running.store(s.running, Ordering::Relaxed);
         self.kv_tokens.store(s.kv_tokens, Ordering::Relaxed);
         self.kv_bytes.store(s.kv_bytes, Ordering::Relaxed);
