@@ -725,19 +725,18 @@ impl BitnetModel {
             return Ok(vec![]);
         }
         let n = ids.len();
-        let step = Step {
-            cos: vec![],
-            sin: vec![],
-            seqs: rows,
-        };
-        let step = if self.device.is_cpu() {
-            let positions: Vec<usize> = (step.seqs.iter())
+        let (cos, sin) = if self.device.is_cpu() {
+            let positions: Vec<usize> = (rows.iter())
                 .flat_map(|s| s.offset..s.offset + s.len)
                 .collect();
-            let (cos, sin) = self.rotary.angles(&positions);
-            Step { cos, sin, ..step }
+            self.rotary.angles(&positions)
         } else {
-            step
+            (vec![], vec![])
+        };
+        let step = Step {
+            seqs: rows,
+            cos,
+            sin,
         };
         let rows = &step.seqs;
         let ids = Tensor::from_vec(ids, (1, n), &self.device)?;

@@ -22,7 +22,7 @@ use common::kernels::{
 };
 use common::{
     assert_batch_matches_single, assert_logits_close, fixture_dir, random_activations,
-    random_packed, skipped, Expected, PROMPTS,
+    random_packed, rel_l2, skipped, Expected, PROMPTS,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -399,15 +399,6 @@ fn cached_greedy(
             .squeeze(0)?;
     }
     Ok((ids, Tensor::stack(&all, 0)?))
-}
-
-fn rel_l2(got: &Tensor, want: &Tensor) -> Result<f32> {
-    let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    let diff = (&got - want)?;
-    Ok(
-        (diff.sqr()?.sum_all()?.to_scalar::<f32>()? / want.sqr()?.sum_all()?.to_scalar::<f32>()?)
-            .sqrt(),
-    )
 }
 
 /// f32 on the GPU: the fixture's f32 tolerances, and greedy ids (uncached argmax and KV-cached

@@ -6,7 +6,9 @@ use candle_bitnet::model::SeqInput;
 use candle_bitnet::weights::{load_model, load_model_dir, safetensors_files};
 use candle_bitnet::{BitnetForCausalLM, Config, HeadDtype, KvCache, LoadOptions, Logits};
 use candle_core::{DType, Device, Result, Tensor};
-use common::{assert_batch_matches_single, assert_logits_close, fixture_dir, Expected, PROMPTS};
+use common::{
+    assert_batch_matches_single, assert_logits_close, fixture_dir, rel_l2, Expected, PROMPTS,
+};
 
 fn ids_tensor(ids: &[u32]) -> Result<Tensor> {
     Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)
@@ -135,12 +137,6 @@ fn the_op_chain_attention_of_other_devices_matches_the_cpu_path() -> Result<()> 
     assert!(max_diff < 1e-4, "max |Δlogit| {max_diff}");
     assert!(host.iter().any(|&v| v != 0.0));
     Ok(())
-}
-
-/// `‖got − want‖ / ‖want‖`.
-fn rel_l2(got: &Tensor, want: &Tensor) -> Result<f32> {
-    let diff = (got - want)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
-    Ok((diff / want.sqr()?.sum_all()?.to_scalar::<f32>()?).sqrt())
 }
 
 /// The opt-in int8 head ([`HeadDtype::Int8`]) on the fixture: every position's logits (prompt +

@@ -142,3 +142,10 @@ pub fn skipped(test: &str, why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: {why}");
 }
+
+/// `‖got − want‖ / ‖want‖`, with `got` brought to the CPU in f32 first (`want`: CPU f32).
+pub fn rel_l2(got: &Tensor, want: &Tensor) -> Result<f32> {
+    let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let diff = (&got - want)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+    Ok((diff / want.sqr()?.sum_all()?.to_scalar::<f32>()?).sqrt())
+}

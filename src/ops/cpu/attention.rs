@@ -60,6 +60,7 @@ pub fn rope_in_place(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
 /// One sequence's part of [`attend`]: its rotated query rows `q: [t, heads · hd]`, which sit
 /// at positions `keys - t .. keys`, and its cache `k`, `v: [kv_heads, capacity, hd]`, each
 /// head's positions contiguous so that a task streams them.
+#[derive(Clone, Copy)]
 pub struct SeqAttention<'a> {
     pub q: &'a [f32],
     pub k: &'a [f32],
@@ -507,13 +508,6 @@ mod tests {
         };
         let mut y1 = vec![0f32; 128];
         attend(shape, &[alone], &mut y1);
-        let alone = SeqAttention {
-            q: &q,
-            k: &k,
-            v: &v,
-            keys: 50,
-            capacity: 64,
-        };
         let mut y2 = vec![0f32; 4 * 128];
         attend(shape, &[other, alone], &mut y2);
         assert_eq!(y1, y2[3 * 128..]);
