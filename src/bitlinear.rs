@@ -159,13 +159,17 @@ impl BitLinear {
 }
 
 /// Projections of one input (q, k and v; gate and up), run on the CPU as one op: the input is
-/// quantized once and one parallel pass over their tiles serves them all. Elsewhere (or with
-/// per-projection input norms, or dense weights) each part runs on its own.
+/// quantized once and one parallel pass over their tiles serves them all. Elsewhere each part
+/// runs on its own, except in the fused decode step, which reads the stacked codes
+/// ([`Self::forward_quantized`]). With per-projection input norms, or dense weights, there is
+/// nothing to share.
 #[derive(Debug, Clone)]
 pub struct BitLinearGroup {
     parts: Vec<BitLinear>,
     /// CPU: the parts' tiles side by side (the parts then hold none).
     tiles: Option<Arc<TernaryTiles>>,
+    /// The parts' packed codes stacked, `[Σ out/4, in]`; each part's weight is a view of it.
+    stacked: Option<Tensor>,
 }
 
 impl BitLinearGroup {
@@ -185,7 +189,53 @@ impl BitLinearGroup {
                 p.tiles = None;
             }
         }
-        Ok(Self { parts, tiles })
+        let stacked = if fusable {
+            let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+            let stacked = Tensor::cat(&weights, 0)?;
+            let mut at = 0;
+            for p in &mut parts {
+                let r = p.out_features / 4;
+                p.weight = stacked.narrow(0, at, r)?;
+                at += r;
+            }
+            Some(stacked)
+        } else {
+            None
+        };
+        Ok(Self {
+            parts,
+            tiles,
+            stacked,
+        })
+    }
+
+    /// Whether [`Self::forward_quantized`] can run: stacked codes, at most as many matrices
+    /// as one launch takes.
+    pub fn is_stacked(&self) -> bool {
+        self.stacked.is_some() && self.parts.len() <= crate::ops::MAX_SEGMENTS
+    }
+
+    /// The parts' outputs side by side, `[rows, Σ out]` in `dtype`, from activations quantized
+    /// once ([`crate::ops::rms_norm_quantize`]); with `residual: [rows, Σ out]`, `residual + y`.
+    /// One launch on CUDA.
+    pub fn forward_quantized(
+        &self,
+        acts: &crate::ops::QuantizedActivations,
+        residual: Option<&Tensor>,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let Some(stacked) = &self.stacked else {
+            bail!("forward_quantized: the projections' codes are not stacked")
+        };
+        let segments: Vec<crate::ops::Segment> = (self.parts.iter())
+            .map(|p| crate::ops::Segment {
+                out_features: p.out_features,
+                w_div: p.w_div,
+            })
+            .collect();
+        crate::profile::timed(crate::profile::Stage::Projections, || {
+            crate::ops::bitlinear_quantized(acts, stacked, &segments, residual, dtype)
+        })
     }
 
     /// The projections, in order.
@@ -253,7 +303,11 @@ impl BitLinearGroup {
             .iter()
             .map(|p| p.to_dense(dtype))
             .collect::<Result<_>>()?;
-        Ok(Self { parts, tiles: None })
+        Ok(Self {
+            parts,
+            tiles: None,
+            stacked: None,
+        })
     }
 }
 

@@ -5,6 +5,7 @@ use candle_core::{bail, DType, Device, DeviceLocation, Error, Result};
 
 /// `cpu` forces the CPU; `cuda_ordinal` asks for that GPU (an error when the build has no CUDA
 /// or the GPU cannot be opened); neither picks GPU 0 when the build and the machine have one.
+/// A GPU opened here is set up for decoding on one stream ([`for_decoding`]).
 pub fn device(cpu: bool, cuda_ordinal: Option<usize>) -> Result<Device> {
     if cpu {
         return Ok(Device::Cpu);
@@ -14,13 +15,52 @@ pub fn device(cpu: bool, cuda_ordinal: Option<usize>) -> Result<Device> {
             if !cuda_is_available() {
                 bail!("this build has no CUDA support; rebuild with --features cuda")
             }
-            Device::new_cuda(n)
-                .map_err(|e| Error::Msg(format!("CUDA device {n} is not available: {e}")))
+            let dev = Device::new_cuda(n)
+                .map_err(|e| Error::Msg(format!("CUDA device {n} is not available: {e}")))?;
+            for_decoding(dev)
         }
         // A CUDA build on a machine without a usable GPU still runs, on the CPU.
-        None if cuda_is_available() => Ok(Device::new_cuda(0).unwrap_or(Device::Cpu)),
+        None if cuda_is_available() => match Device::new_cuda(0) {
+            Ok(dev) => for_decoding(dev),
+            Err(_) => Ok(Device::Cpu),
+        },
         None => Ok(Device::Cpu),
     }
+}
+
+/// Sets up a GPU for a decode loop that allocates every step's buffers anew on candle's one
+/// stream: freed memory stays in the device's pool for the next step (by default the pool
+/// returns it to the driver at every synchronization, i.e. every token, and the next step
+/// maps it again), and no CUDA events are recorded per allocation (they order several
+/// streams; nothing here uses another). Call it before loading, on a device that runs nothing
+/// on other streams. Other devices are returned as they are.
+pub fn for_decoding(dev: Device) -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = &dev {
+        use candle_core::cuda_backend::cudarc::driver::result::{device as driver, mem_pool};
+        use candle_core::cuda_backend::cudarc::driver::{sys, DriverError};
+        let stream = cuda.cuda_stream();
+        let ctx = stream.context();
+        let mut keep_everything = u64::MAX;
+        // SAFETY: the context is bound to this thread first; the pool is the default pool of
+        // this context's device; RELEASE_THRESHOLD takes a u64 (cuMemPoolSetAttribute). The
+        // event tracking is turned off before any tensor of this crate exists, and the crate
+        // runs on the one stream candle gives the device.
+        unsafe {
+            ctx.bind_to_thread().map_err(Error::wrap)?;
+            driver::get_default_mem_pool(ctx.cu_device())
+                .and_then(|pool| {
+                    mem_pool::set_attribute(
+                        pool,
+                        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                        (&mut keep_everything as *mut u64).cast(),
+                    )
+                })
+                .map_err(|e: DriverError| Error::Msg(format!("CUDA memory pool: {e}")))?;
+            cuda.disable_event_tracking();
+        }
+    }
+    Ok(dev)
 }
 
 /// The dtype norms, embeddings and activations run in: BF16 on CUDA (the checkpoint's dtype,

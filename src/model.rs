@@ -28,6 +28,8 @@ struct RotaryEmbedding {
     /// `[max_positions, head_dim/2]` cosines and sines in `dtype` for the tensor path (other
     /// devices), built on first use; the CPU path takes them per step from [`Self::angles`].
     tables: OnceLock<(Tensor, Tensor)>,
+    /// The same side by side, `[max_positions, head_dim]` (`cos | sin`), for the fused ops.
+    table: OnceLock<Tensor>,
 }
 
 impl RotaryEmbedding {
@@ -44,11 +46,21 @@ impl RotaryEmbedding {
             dtype,
             device: dev.clone(),
             tables: OnceLock::new(),
+            table: OnceLock::new(),
         };
         if !dev.is_cpu() {
-            rotary.tables()?;
+            rotary.table()?;
         }
         Ok(rotary)
+    }
+
+    fn table(&self) -> Result<&Tensor> {
+        if let Some(table) = self.table.get() {
+            return Ok(table);
+        }
+        let (cos, sin) = self.tables()?;
+        let table = Tensor::cat(&[cos, sin], 1)?;
+        Ok(self.table.get_or_init(|| table))
     }
 
     fn tables(&self) -> Result<&(Tensor, Tensor)> {
@@ -79,15 +91,14 @@ impl RotaryEmbedding {
         (cos, sin)
     }
 
-    /// Half-split ("rotate_half") rotary embedding of `q`, `k`: `(1, heads, seq, head_dim)`.
-    fn apply(&self, q: &Tensor, k: &Tensor, offset: usize) -> Result<(Tensor, Tensor)> {
+    /// Half-split ("rotate_half") rotary embedding of `x: (1, heads, seq, head_dim)` at
+    /// positions `offset..offset + seq`.
+    fn rotate(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let (cos, sin) = self.tables()?;
-        let seq_len = q.dim(2)?;
+        let seq_len = x.dim(2)?;
         let cos = cos.narrow(0, offset, seq_len)?;
         let sin = sin.narrow(0, offset, seq_len)?;
-        let q = candle_nn::rotary_emb::rope(&q.contiguous()?, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope(&k.contiguous()?, &cos, &sin)?;
-        Ok((q, k))
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
     }
 }
 
@@ -109,8 +120,9 @@ enum LayerKv {
         v: Vec<f32>,
         capacity: usize,
     },
-    /// Other devices: `(1, kv_heads, capacity, head_dim)` each, allocated on first use.
-    Device(Option<(Tensor, Tensor)>),
+    /// Other devices: keys, then values, `[2, kv_heads, capacity, head_dim]` in the compute
+    /// dtype (the layout of [`crate::ops::rope_kv_append`]), allocated on first use.
+    Device(Option<Tensor>),
 }
 
 impl KvCache {
@@ -134,9 +146,9 @@ impl KvCache {
             .iter()
             .map(|layer| match layer {
                 LayerKv::Host { k, v, .. } => (k.capacity() + v.capacity()) * 4,
-                LayerKv::Device(kv) => kv.as_ref().map_or(0, |(k, v)| {
-                    (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()
-                }),
+                LayerKv::Device(kv) => kv
+                    .as_ref()
+                    .map_or(0, |kv| kv.elem_count() * kv.dtype().size_in_bytes()),
             })
             .sum()
     }
@@ -186,32 +198,38 @@ impl KvCache {
         }
     }
 
-    /// Writes `k`, `v`: `(1, kv_heads, t, head_dim)` at positions `len..len + t` of a device
-    /// `layer` and returns every position so far. The cache grows in place, a chunk at a time.
-    fn append_device(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let t = k.dim(2)?;
-        let needed = self.len + t;
+    /// Whether the layers are the CPU's host buffers.
+    fn is_host(&self) -> bool {
+        matches!(self.layers.first(), Some(LayerKv::Host { .. }))
+    }
+
+    /// A device `layer`'s cache `[2, kv_heads, capacity, head_dim]` with room for `needed`
+    /// positions: it grows a chunk at a time, keeping the positions held.
+    fn device_layer(
+        &mut self,
+        layer: usize,
+        needed: usize,
+        (kv_heads, head_dim): (usize, usize),
+        like: &Tensor,
+    ) -> Result<Tensor> {
+        let len = self.len;
         let LayerKv::Device(slot) = &mut self.layers[layer] else {
             bail!("KV cache of layer {layer} is on the CPU, the activations are not")
         };
-        let capacity = slot.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
+        let capacity = slot.as_ref().map_or(0, |kv| kv.dim(2).unwrap_or(0));
         if needed > capacity {
-            let (_, n_kv, _, hd) = k.dims4()?;
-            let new_capacity = needed.next_multiple_of(KV_CACHE_CHUNK);
-            let grown_k = Tensor::zeros((1, n_kv, new_capacity, hd), k.dtype(), k.device())?;
-            let grown_v = Tensor::zeros((1, n_kv, new_capacity, hd), v.dtype(), v.device())?;
-            if let Some((old_k, old_v)) = slot.as_ref() {
-                grown_k.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                grown_v.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            let capacity = needed.next_multiple_of(KV_CACHE_CHUNK);
+            let shape = (2, kv_heads, capacity, head_dim);
+            let grown = Tensor::zeros(shape, like.dtype(), like.device())?;
+            if let Some(old) = slot.as_ref().filter(|_| len > 0) {
+                grown.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
             }
-            *slot = Some((grown_k, grown_v));
+            *slot = Some(grown);
         }
-        let Some((cache_k, cache_v)) = slot.as_ref() else {
-            bail!("KV cache of layer {layer} was not allocated")
-        };
-        cache_k.slice_set(k, 2, self.len)?;
-        cache_v.slice_set(v, 2, self.len)?;
-        Ok((cache_k.narrow(2, 0, needed)?, cache_v.narrow(2, 0, needed)?))
+        match slot {
+            Some(kv) => Ok(kv.clone()),
+            None => bail!("KV cache of layer {layer} was not allocated"),
+        }
     }
 }
 
@@ -226,6 +244,9 @@ struct SeqRows {
 /// What every layer of one batched forward shares.
 struct Step {
     seqs: Vec<SeqRows>,
+    /// A decode step on device caches: layers that can run the fused ops of
+    /// [`crate::ops`] do (about ten launches a layer on CUDA; `docs/cuda-decode.md`).
+    fused: bool,
     /// CPU: each row's RoPE cosines and sines, `[rows, head_dim/2]`.
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -361,7 +382,8 @@ impl Attention {
         Tensor::from_vec(y, (1, rows, qw), &Device::Cpu)?.to_dtype(q.dtype())
     }
 
-    /// Other devices: each sequence is a chain of small ops on its own cache.
+    /// Other devices: each sequence's keys are rotated and appended to its cache with the
+    /// values in one op, then its rows attend through candle ops.
     fn attend_device(
         &self,
         q: &Tensor,
@@ -371,30 +393,70 @@ impl Attention {
         caches: &mut [&mut KvCache],
         layer: usize,
     ) -> Result<Tensor> {
+        let (n_h, hd) = (self.num_heads, self.head_dim);
+        // (rows, (n_h + 2 n_kv)·hd): the layout the fused ops read.
+        let qkv = Tensor::cat(&[q, k, v], D::Minus1)?.squeeze(0)?;
+        let table = self.rotary.table()?;
         let ys = seqs
             .iter()
             .zip(caches.iter_mut())
             .map(|(s, cache)| {
-                let rows = |t: &Tensor, heads: usize| -> Result<Tensor> {
-                    // (1, t, heads·hd) → (1, heads, t, hd)
-                    t.narrow(1, s.start, s.len)?
-                        .reshape((1, s.len, heads, self.head_dim))?
-                        .transpose(1, 2)
-                };
-                let (q, k) = self.rotary.apply(
-                    &rows(q, self.num_heads)?,
-                    &rows(k, self.num_kv_heads)?,
-                    s.offset,
-                )?;
-                let v = rows(v, self.num_kv_heads)?.contiguous()?;
-                let (k, v) = cache.append_device(layer, &k.contiguous()?, &v)?;
-                self.attend(&q, &k, &v, s)
+                let qkv = qkv.narrow(0, s.start, s.len)?;
+                let total = s.offset + s.len;
+                let kv = cache.device_layer(layer, total, (self.num_kv_heads, hd), &qkv)?;
+                crate::ops::rope_kv_append(&kv, &qkv, table, n_h, s.offset)?;
+                // (t, n_h·hd) → (1, n_h, t, hd)
+                let q = (qkv.narrow(1, 0, n_h * hd)?)
+                    .reshape((1, s.len, n_h, hd))?
+                    .transpose(1, 2)?;
+                let q = self.rotary.rotate(&q, s.offset)?;
+                // (1, n_kv, total, hd) views of the cache
+                let plane = |i: usize| kv.get(i)?.narrow(1, 0, total)?.unsqueeze(0);
+                self.attend(&q, &plane(0)?, &plane(1)?, s)
             })
             .collect::<Result<Vec<_>>>()?;
         match ys.as_slice() {
             [y] => Ok(y.clone()),
             _ => Tensor::cat(&ys, 1),
         }
+    }
+
+    /// The fused decode step's attention: `qkv: [rows, (n_h + 2 n_kv)·hd]`, one row per
+    /// sequence; each row's key and value appended to its cache and its queries attending
+    /// over the cache, two ops a sequence. `[rows, n_h·hd]`.
+    fn attend_decode(
+        &self,
+        qkv: &Tensor,
+        seqs: &[SeqRows],
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let table = self.rotary.table()?;
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        let ys = seqs
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(s, cache)| {
+                let row = qkv.narrow(0, s.start, 1)?;
+                let shape = (self.num_kv_heads, self.head_dim);
+                let kv = cache.device_layer(layer, s.offset + 1, shape, &row)?;
+                crate::ops::rope_kv_append(&kv, &row, table, self.num_heads, s.offset)?;
+                crate::ops::decode_attention(&row, &kv, table, self.num_heads, s.offset + 1, scale)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        match ys.as_slice() {
+            [y] => y.unsqueeze(0),
+            _ => Tensor::stack(&ys, 0),
+        }
+    }
+
+    /// Whether the fused decode ops take this attention (the kernel's head limits).
+    fn can_fuse(&self) -> bool {
+        self.qkv.is_stacked()
+            && self.o_proj.is_stacked()
+            && self.attn_sub_norm.is_some()
+            && self.num_heads / self.num_kv_heads <= crate::ops::ATTN_MAX_GROUP
+            && self.head_dim <= crate::ops::ATTN_MAX_HEAD_DIM
     }
 
     /// `q: (1, heads, t, hd)` against `k`, `v`: `(1, kv_heads, T, hd)` → `(1, t, heads·hd)`.
@@ -502,11 +564,69 @@ impl DecoderLayer {
         caches: &mut [&mut KvCache],
         layer: usize,
     ) -> Result<Tensor> {
+        if step.fused && self.can_fuse() {
+            return self.forward_fused(x, step, caches, layer);
+        }
         let h = (self.self_attn).forward(x, &self.input_layernorm, step, caches, layer)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&x, &self.post_attention_layernorm)?;
         x + h
     }
+
+    fn can_fuse(&self) -> bool {
+        let m = &self.mlp;
+        self.self_attn.can_fuse()
+            && m.gate_up.is_stacked()
+            && m.down_proj.is_stacked()
+            && m.ffn_sub_norm.is_some()
+            && m.act == Activation::Relu2
+    }
+
+    /// One token per sequence through the fused ops: each RMSNorm quantizes straight to int8
+    /// for the projections after it, q/k/v and gate/up are one stacked BitLinear each, the
+    /// residuals are added by the projections before them, relu²·up by the norm after it.
+    /// `x: (1, rows, hidden)`.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let (Some(attn_sub_norm), Some(ffn_sub_norm)) = (&a.attn_sub_norm, &m.ffn_sub_norm) else {
+            bail!("layer {layer}: the fused decode step needs both sub-norms")
+        };
+        let dtype = x.dtype();
+        let x = x.squeeze(0)?;
+        let qkv =
+            a.qkv
+                .forward_quantized(&quantize_normed(&x, &self.input_layernorm)?, None, dtype)?;
+        let y = timed(Stage::Attention, || {
+            a.attend_decode(&qkv, &step.seqs, caches, layer)
+        })?;
+        let acts = quantize_normed(&y, attn_sub_norm)?;
+        let x = a.o_proj.forward_quantized(&acts, Some(&x), dtype)?;
+        let acts = quantize_normed(&x, &self.post_attention_layernorm)?;
+        let gate_up = m.gate_up.forward_quantized(&acts, None, dtype)?;
+        let acts = timed(Stage::Norms, || {
+            crate::ops::relu2_rms_norm_quantize(
+                &gate_up,
+                ffn_sub_norm.weight(),
+                ffn_sub_norm.eps() as f32,
+            )
+        })?;
+        m.down_proj
+            .forward_quantized(&acts, Some(&x), dtype)?
+            .unsqueeze(0)
+    }
+}
+
+/// `norm(x)` quantized to int8 in one op ([`crate::ops::rms_norm_quantize`]).
+fn quantize_normed(x: &Tensor, norm: &RmsNorm) -> Result<crate::ops::QuantizedActivations> {
+    timed(Stage::Norms, || {
+        crate::ops::rms_norm_quantize(x, norm.weight(), norm.eps() as f32)
+    })
 }
 
 /// Which logits a sequence wants from a forward.
@@ -733,8 +853,15 @@ impl BitnetModel {
         } else {
             (vec![], vec![])
         };
+        let host = seqs[0].cache.is_host();
+        if seqs.iter().any(|s| s.cache.is_host() != host) {
+            bail!("a batch mixes CPU and device KV caches: make them all with new_kv_cache()")
+        }
+        let fused =
+            !host && rows.len() <= crate::ops::GEMV_MAX_ROWS && rows.iter().all(|s| s.len == 1);
         let step = Step {
             seqs: rows,
+            fused,
             cos,
             sin,
         };

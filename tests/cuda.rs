@@ -35,7 +35,7 @@ fn gpu(test: &str) -> Option<Device> {
         );
         return None;
     }
-    match Device::new_cuda(0) {
+    match Device::new_cuda(0).and_then(candle_bitnet::device::for_decoding) {
         Ok(dev) => {
             #[cfg(feature = "cuda")]
             candle_bitnet::ops::cuda::poison_outputs(true);
@@ -401,6 +401,27 @@ fn cached_greedy(
     Ok((ids, Tensor::stack(&all, 0)?))
 }
 
+/// The logits of a prefill then of KV-cached single-token steps fed `ids` (teacher-forced:
+/// every step has the reference's context), and the argmax of each.
+fn forced_steps(
+    model: &mut candle_bitnet::BitnetForCausalLM,
+    prompt: &[u32],
+    ids: &[u32],
+) -> Result<(Vec<u32>, Tensor)> {
+    let dev = model.model().device().clone();
+    model.clear_kv_cache();
+    let mut logits = model.forward(&ids_tensor(prompt, &dev)?, 0)?.squeeze(0)?;
+    let (mut argmax, mut all) = (vec![], vec![]);
+    for (step, &next) in ids.iter().enumerate() {
+        argmax.push(logits.argmax(0)?.to_scalar::<u32>()?);
+        all.push(logits.to_device(&Device::Cpu)?);
+        logits = model
+            .forward(&ids_tensor(&[next], &dev)?, prompt.len() + step)?
+            .squeeze(0)?;
+    }
+    Ok((argmax, Tensor::stack(&all, 0)?))
+}
+
 /// f32 on the GPU: the fixture's f32 tolerances, and greedy ids (uncached argmax and KV-cached
 /// decode) equal to the CPU path's and to transformers'.
 #[test]
@@ -470,13 +491,14 @@ fn bf16_model_on_cuda_is_within_the_bf16_tolerance() -> Result<()> {
             println!("{p}.{what} cuda bf16: rel_l2 {err:.3e}");
             assert!(err <= 0.15, "{p}.{what}: rel-L2 {err} > 0.15");
         }
-        let (gpu_ids, step_logits) = cached_greedy(&mut model, &prompt, greedy.len())?;
+        let (_, step_logits) = forced_steps(&mut model, &prompt, &greedy)?;
         let want =
             expected
                 .logits(&format!("{p}.full"))
                 .narrow(0, prompt.len() - 1, greedy.len())?;
         let err = rel_l2(&step_logits, &want)?;
         assert!(err <= 0.15, "{p} cached steps: rel-L2 {err} > 0.15");
+        let (gpu_ids, _) = cached_greedy(&mut model, &prompt, greedy.len())?;
         let (cpu_ids, _) = cached_greedy(&mut cpu_model, &prompt, greedy.len())?;
         let agree = gpu_ids
             .iter()
@@ -501,6 +523,51 @@ fn a_batch_of_prompts_on_cuda_matches_each_prompt_alone() -> Result<()> {
     for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
         let (_, mut model) = load_model_dir(&fixture_dir(), dtype, &gpu)?;
         assert_batch_matches_single(&mut model, tol)?;
+    }
+    Ok(())
+}
+
+/// A decoded token runs the fused ops (`docs/cuda-decode.md`): ten launches of ours per layer on
+/// a short context, and the same logits as the fused ops' CPU arithmetic on device caches
+/// (`new_tensor_kv_cache`) up to f32 rounding (attention sums in another order; a flipped int8
+/// rounding moves a logit by ~1% of the largest).
+#[test]
+// Without the cuda feature `gpu` finds none and the counting below is not compiled.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn a_decoded_token_launches_ten_kernels_a_layer() -> Result<()> {
+    let Some(gpu) = gpu("a_decoded_token_launches_ten_kernels_a_layer") else {
+        return Ok(());
+    };
+    #[cfg(feature = "cuda")]
+    {
+        use candle_bitnet::ops::cuda::kernel_launches;
+        use candle_bitnet::Logits;
+        let expected = Expected::load()?;
+        let prompt = expected.ids(PROMPTS[0], "prompt_ids");
+        let greedy = expected.ids(PROMPTS[0], "greedy_ids");
+        let (cfg, model) = load_model_dir(&fixture_dir(), DType::F32, &gpu)?;
+        let (_, cpu_model) = load_model_dir(&fixture_dir(), DType::F32, &Device::Cpu)?;
+        let (model, cpu_model) = (model.model().clone(), cpu_model.model().clone());
+        let (mut cache, mut cpu_cache) = (model.new_kv_cache(), cpu_model.new_tensor_kv_cache());
+        model.forward(&prompt, &mut cache, Logits::Last)?;
+        cpu_model.forward(&prompt, &mut cpu_cache, Logits::Last)?;
+        for &next in &greedy[..4] {
+            let before = kernel_launches();
+            let logits = model.forward(&[next], &mut cache, Logits::Last)?;
+            let launches = kernel_launches() - before;
+            println!(
+                "one decoded token: {launches} launches of ours for {} layers",
+                cfg.num_hidden_layers
+            );
+            assert_eq!(launches, 10 * cfg.num_hidden_layers, "launches per token");
+            let want = cpu_model.forward(&[next], &mut cpu_cache, Logits::Last)?;
+            let err = rel_l2(&logits.to_device(&Device::Cpu)?, &want)?;
+            println!("  vs the fused ops' CPU arithmetic: rel-L2 {err:.2e}");
+            assert!(
+                err <= 1e-2,
+                "fused decode on CUDA vs its CPU arithmetic: rel-L2 {err}"
+            );
+        }
     }
     Ok(())
 }

@@ -3,12 +3,14 @@
 mod common;
 
 use candle_bitnet::model::SeqInput;
+use candle_bitnet::ops::decode_op_calls;
 use candle_bitnet::weights::{load_model, load_model_dir, safetensors_files};
 use candle_bitnet::{BitnetForCausalLM, Config, HeadDtype, KvCache, LoadOptions, Logits};
 use candle_core::{DType, Device, Result, Tensor};
 use common::{
     assert_batch_matches_single, assert_logits_close, fixture_dir, rel_l2, Expected, PROMPTS,
 };
+use std::sync::Mutex;
 
 fn ids_tensor(ids: &[u32]) -> Result<Tensor> {
     Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)
@@ -86,8 +88,12 @@ fn a_batch_of_prompts_matches_each_prompt_alone() -> Result<()> {
     assert_batch_matches_single(&mut model, 1e-5)
 }
 
+/// Serializes the tests that run the fused decode ops: they count its calls, process-wide.
+static FUSED_OPS: Mutex<()> = Mutex::new(());
+
 #[test]
 fn the_op_chain_attention_of_other_devices_matches_the_cpu_path() -> Result<()> {
+    let _counting = FUSED_OPS.lock();
     // Other devices attend through candle ops on tensor caches; run that path here on the CPU
     // against the CPU's own, over a batch of two prompts then greedy decode steps.
     let expected = Expected::load()?;
@@ -136,6 +142,53 @@ fn the_op_chain_attention_of_other_devices_matches_the_cpu_path() -> Result<()> 
         .fold(0f32, f32::max);
     assert!(max_diff < 1e-4, "max |Δlogit| {max_diff}");
     assert!(host.iter().any(|&v| v != 0.0));
+    Ok(())
+}
+
+/// Decode steps on device caches run the fused ops of `candle_bitnet::ops` (what a decoded token
+/// runs on CUDA: norms straight to int8, stacked projections, RoPE + append and attention in
+/// one op each), here in their CPU arithmetic: ten calls per layer per token, argmax equal to
+/// transformers' greedy ids in f32 and logits within the fixture's tolerance (bf16: rel-L2 ≤
+/// 0.15, the CUDA test's bound).
+#[test]
+fn decode_steps_on_device_caches_run_the_fused_ops() -> Result<()> {
+    let _counting = FUSED_OPS.lock();
+    let expected = Expected::load()?;
+    for dtype in [DType::F32, DType::BF16] {
+        let (cfg, model) = load_model_dir(&fixture_dir(), dtype, &Device::Cpu)?;
+        let model = model.model().clone();
+        for p in PROMPTS {
+            let prompt = expected.ids(p, "prompt_ids");
+            let greedy = expected.ids(p, "greedy_ids");
+            let mut cache = model.new_tensor_kv_cache();
+            let mut logits = model.forward(&prompt, &mut cache, Logits::Last)?;
+            // Teacher-forced: each step feeds the reference's id, so every step's logits have
+            // the reference's context even where bf16 would pick another token.
+            let (mut ids, mut steps) = (vec![], vec![]);
+            for &next in &greedy {
+                ids.push(logits.argmax(0)?.to_scalar::<u32>()?);
+                steps.push(logits);
+                let before = decode_op_calls();
+                logits = model.forward(&[next], &mut cache, Logits::Last)?;
+                let calls = decode_op_calls() - before;
+                assert_eq!(calls, 10 * cfg.num_hidden_layers, "{p}: op calls per token");
+            }
+            let steps = Tensor::stack(&steps, 0)?;
+            let want =
+                expected
+                    .logits(&format!("{p}.full"))
+                    .narrow(0, prompt.len() - 1, greedy.len())?;
+            if dtype == DType::F32 {
+                assert_logits_close(&format!("{p} fused steps"), &steps, &want)?;
+                assert_eq!(ids, greedy, "{p}: greedy ids (fused decode)");
+            } else {
+                let err = rel_l2(&steps, &want)?;
+                let agree = ids.iter().zip(&greedy).filter(|(a, b)| a == b).count();
+                println!("{p} fused bf16 steps: rel-L2 {err:.3e}, argmax = reference at {agree} of {} steps", greedy.len());
+                assert!(err <= 0.15, "{p} fused bf16 steps: rel-L2 {err}");
+            }
+        }
+    }
     Ok(())
 }
 

@@ -119,7 +119,19 @@ fn as_i32(v: usize, what: &str) -> Result<i32> {
         .map_err(|_| candle_core::Error::Msg(format!("bitlinear (cuda): {what} {v} exceeds i32")))
 }
 
+thread_local! {
+    static LAUNCHES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Kernels of this crate launched by the calling thread so far (candle launches on the thread
+/// that runs the op, so a forward's count is the difference around it). Each launch takes its
+/// config from [`launch_cfg`], which counts it.
+pub fn kernel_launches() -> usize {
+    LAUNCHES.with(|n| n.get())
+}
+
 fn launch_cfg(launch: Launch) -> Result<LaunchConfig> {
+    LAUNCHES.with(|n| n.set(n.get() + 1));
     let Launch { grid, block } = launch;
     Ok(LaunchConfig {
         grid_dim: (

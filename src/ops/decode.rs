@@ -14,6 +14,7 @@ use candle_core::{
     Tensor,
 };
 use half::{bf16, f16};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Per-token int8 activations, quantized once and read by several BitLinears: one U8 tensor
 /// holding the codes `[rows, k_pad]` (`k_pad` = in_features rounded up to 16, zero-padded),
@@ -81,6 +82,20 @@ fn join_parts(codes: &[i8], scales: &[f32], sums: &[i32]) -> Vec<u8> {
     out.extend(scales.iter().flat_map(|s| s.to_le_bytes()));
     out.extend(sums.iter().flat_map(|s| s.to_le_bytes()));
     out
+}
+
+static CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// One more call of an op of this module (one launch on CUDA, two for a split attention).
+fn count_call() {
+    CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Test plumbing: calls of this module's ops so far, all threads together; the model tests
+/// count a decoded token's with it.
+#[cfg(feature = "testing")]
+pub fn decode_op_calls() -> usize {
+    CALLS.load(Ordering::Relaxed)
 }
 
 /// Runs `$body` with `$t` the Rust type of a float `DType`.
@@ -196,6 +211,7 @@ fn norm_quantize(
     eps: f32,
     relu2: bool,
 ) -> Result<QuantizedActivations> {
+    count_call();
     let op = RmsNormQuantizeOp { eps, relu2 };
     let x = x.contiguous()?;
     let (rows, k) = op.rows(x.layout(), weight.layout())?;
@@ -231,7 +247,7 @@ pub struct Segment {
 }
 
 /// At most this many matrices stacked in one launch (q/k/v).
-const MAX_SEGMENTS: usize = 3;
+pub(crate) const MAX_SEGMENTS: usize = 3;
 
 /// BitLinear on pre-quantized activations with stacked packed weights.
 #[derive(Debug, Clone)]
@@ -375,6 +391,7 @@ pub fn bitlinear_quantized(
     residual: Option<&Tensor>,
     dtype: DType,
 ) -> Result<Tensor> {
+    count_call();
     if segments.is_empty() || segments.len() > MAX_SEGMENTS {
         bail!(
             "bitlinear_quantized: 1 to {MAX_SEGMENTS} segments, got {}",
@@ -560,6 +577,7 @@ pub fn rope_kv_append(
     n_heads: usize,
     pos0: usize,
 ) -> Result<()> {
+    count_call();
     let (_, n_kv_heads, capacity, head_dim) = cache.dims4()?;
     if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
         bail!("rope_kv_append: {n_heads} query heads for {n_kv_heads} KV heads")
@@ -669,6 +687,7 @@ pub fn decode_attention(
     len: usize,
     scale: f32,
 ) -> Result<Tensor> {
+    count_call();
     let (_, n_kv_heads, capacity, head_dim) = cache.dims4()?;
     if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
         bail!("decode_attention: {n_heads} query heads for {n_kv_heads} KV heads")
@@ -732,6 +751,7 @@ impl CustomOp1 for ArgmaxFirstOp {
 /// torch and the CPU pick (candle's CUDA argmax picks the last of equal maxima); NaN never
 /// wins. U32 `[..]`; one launch on CUDA, the ids staying on the device.
 pub fn argmax_first(logits: &Tensor) -> Result<Tensor> {
+    count_call();
     logits.contiguous()?.apply_op1_no_bwd(&ArgmaxFirstOp)
 }
 
