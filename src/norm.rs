@@ -10,6 +10,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor, D,
 };
+use crate::ops::reference::sum_of_squares;
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
@@ -114,21 +115,9 @@ impl CustomOp2 for FusedRmsNorm {
 /// fused RMSNorm → int8 quantization ([`crate::ops::cpu::QuantizedRows::from_rms_norm`]), so
 /// that both round alike.
 pub(crate) fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    // The CUDA kernel's order of summation, so that both devices round alike.
     let inv_rms = 1.0 / (sum_of_squares(x) / x.len() as f32 + eps).sqrt();
     for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
         *y = w * (x * inv_rms);
     }
-}
-
-/// Eight interleaved partial sums, as vectorized reductions (candle's and PyTorch's) do.
-fn sum_of_squares(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-    for c in chunks {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += v * v;
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }

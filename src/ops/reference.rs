@@ -67,9 +67,9 @@ pub fn block_sum(lanes: &[f32]) -> f32 {
 }
 
 /// `Σ x²` in `rms_norm_quantize`'s order: `RMS_NORM_THREADS` strided partial sums (lane `p`
-/// adds `x[p]²`, `x[p + RMS_NORM_THREADS]²`, … in turn), then [`block_sum`]. A block
-/// reduction cannot reproduce the 8 sequential partial sums of `norm.rs`; this order is as
-/// cheap on the CPU (it vectorizes the same way) and exact on both.
+/// adds `x[p]²`, `x[p + RMS_NORM_THREADS]²`, … in turn), then [`block_sum`]: an order a block
+/// reduction can follow, and the CPU's RMSNorm (`norm.rs`) sums in it too, so both devices
+/// round alike.
 pub fn sum_of_squares(x: &[f32]) -> f32 {
     let mut lanes = [0f32; RMS_NORM_THREADS];
     for chunk in x.chunks(RMS_NORM_THREADS) {
