@@ -6,11 +6,11 @@
 //! fused pass replaces seven tensor ops (decode calls it four times per layer); other devices
 //! run the same arithmetic as tensor ops.
 
+use crate::ops::reference::sum_of_squares;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor, D,
 };
-use crate::ops::reference::sum_of_squares;
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 

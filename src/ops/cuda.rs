@@ -340,30 +340,6 @@ pub(super) fn dequantize_fwd(
     })
 }
 
-/// Runs `$body` with `$t` the Rust type of a float dtype, or fails naming the op.
-macro_rules! with_float {
-    ($dtype:expr, $what:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::BF16 => {
-                type $t = bf16;
-                $body
-            }
-            DType::F16 => {
-                type $t = f16;
-                $body
-            }
-            other => bail!(
-                "{} (cuda): expected f32, bf16 or f16, found {other:?}",
-                $what
-            ),
-        }
-    };
-}
-
 /// `rms_norm_quantize_<T>` / `relu2_rms_norm_quantize_<T>`: the [`super::QuantizedActivations`]
 /// bytes (codes, scales, sums) of `rows` rows.
 pub(super) fn rms_norm_quantize_fwd(
@@ -400,7 +376,7 @@ pub(super) fn rms_norm_quantize_fwd(
     {
         let (mut codes, mut rest) = out.split_at_mut(rows * k_pad);
         let (mut scales, mut sums) = rest.split_at_mut(4 * rows);
-        with_float!(x.dtype(), "rms_norm_quantize", T => {
+        with_float!(x.dtype(), "rms_norm_quantize (cuda)", T => {
             let (xv, wv) = (view::<T>(x, xl, "input")?, view::<T>(w, wl, "norm weight")?);
             let mut b = func.builder();
             b.arg(&xv).arg(&wv).arg(&mut codes).arg(&mut scales).arg(&mut sums);
@@ -467,7 +443,7 @@ pub(super) fn bitlinear_quantized_fwd(
         w_divs[i] = seg.w_div;
     }
     let null = 0u64;
-    with_float!(op.dtype, "bitlinear_quantized", T => {
+    with_float!(op.dtype, "bitlinear_quantized (cuda)", T => {
         let mut y = alloc_out::<T>(&dev, len)?;
         let res = residual.map(|(s, l)| view::<T>(s, l, "residual")).transpose()?;
         let mut b = func.builder();
@@ -521,7 +497,7 @@ pub(super) fn rope_kv_append_fwd(
     let Some((c0, c1)) = cl.contiguous_offsets() else {
         bail!("rope_kv_append (cuda): the KV cache must be contiguous")
     };
-    with_float!(dtype, "rope_kv_append", T => {
+    with_float!(dtype, "rope_kv_append (cuda)", T => {
         let (qv, rv) = (view::<T>(qkv, ql, "qkv")?, view::<T>(rope, rl, "rope table")?);
         let mut cv = cache.as_cuda_slice_mut::<T>()?.slice_mut(c0..c1);
         let mut b = func.builder();
@@ -580,7 +556,7 @@ pub(super) fn decode_attention_fwd(
     ];
     let n = s.n_heads * s.head_dim;
     let null = 0u64;
-    with_float!(dtype, "decode_attention", T => {
+    with_float!(dtype, "decode_attention (cuda)", T => {
         let (qv, cv, rv) = (
             view::<T>(qkv, ql, "qkv")?,
             view::<T>(cache, cl, "KV cache")?,

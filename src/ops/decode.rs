@@ -98,27 +98,6 @@ pub fn decode_op_calls() -> usize {
     CALLS.load(Ordering::Relaxed)
 }
 
-/// Runs `$body` with `$t` the Rust type of a float `DType`.
-macro_rules! with_float {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::BF16 => {
-                type $t = bf16;
-                $body
-            }
-            DType::F16 => {
-                type $t = f16;
-                $body
-            }
-            other => bail!("expected f32, bf16 or f16, found {other:?}"),
-        }
-    };
-}
-
 /// A float CPU storage as a slice of T (checked by the caller's dtype dispatch).
 fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     contiguous(s.as_slice::<T>()?, l)
@@ -169,7 +148,7 @@ impl CustomOp2 for RmsNormQuantizeOp {
         }
         let k_pad = k.next_multiple_of(ACT_ALIGN);
         let (mut codes, mut scales, mut sums) = (vec![0i8; rows * k_pad], vec![], vec![]);
-        with_float!(x.dtype(), T => {
+        with_float!(x.dtype(), "rms_norm_quantize", T => {
             let (x, w) = (slice::<T>(x, xl)?, slice::<T>(w, wl)?);
             let width = if self.relu2 { 2 * k } else { k };
             for (t, row) in x.chunks_exact(width).enumerate() {
@@ -353,7 +332,7 @@ impl CustomOp3 for BitLinearQuantizedOp {
     ) -> Result<(CpuStorage, Shape)> {
         let shape = self.check(al, wl)?;
         let y = self.cpu(acts, al, w, wl)?;
-        let out = with_float!(self.dtype, T => {
+        let out = with_float!(self.dtype, "bitlinear_quantized", T => {
             let res = slice::<T>(res, rl)?;
             let sum: Vec<f32> = y.iter().zip(res).map(|(&y, &r)| {
                 <T as Float>::round(r.to_f32() + <T as Float>::round(y).to_f32()).to_f32()
@@ -499,7 +478,7 @@ impl InplaceOp3 for RopeKvAppendOp {
         self.check(cl, ql, rl)?;
         let (hd, n_kv, cap) = (self.head_dim, self.n_kv_heads, self.capacity);
         let width = (self.n_heads + 2 * n_kv) * hd;
-        with_float!(cache.dtype(), T => {
+        with_float!(cache.dtype(), "rope_kv_append", T => {
             let (qkv, rope) = (slice::<T>(qkv, ql)?, slice::<T>(rope, rl)?);
             let cache = cache_slice_mut::<T>(cache, cl)?;
             for t in 0..self.n_tok {
@@ -649,7 +628,7 @@ impl CustomOp3 for DecodeAttentionOp {
         rl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.check(ql, cl, rl)?;
-        let y = with_float!(qkv.dtype(), T => {
+        let y = with_float!(qkv.dtype(), "decode_attention", T => {
             let (qkv, cache, rope) = (slice::<T>(qkv, ql)?, slice::<T>(cache, cl)?, slice::<T>(rope, rl)?);
             reference::decode_attention(qkv, cache, rope, self.shape, self.scale)
         });
@@ -721,7 +700,7 @@ impl CustomOp1 for ArgmaxFirstOp {
         if n == 0 {
             bail!("argmax_first: empty rows in {:?}", l.shape().dims())
         }
-        let ids = with_float!(x.dtype(), T => {
+        let ids = with_float!(x.dtype(), "argmax_first", T => {
             let x = slice::<T>(x, l)?;
             x.chunks_exact(n)
                 .map(|row| reference::argmax_first(&row.iter().map(|v| v.to_f32()).collect::<Vec<_>>()))

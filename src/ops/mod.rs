@@ -5,6 +5,27 @@
 //! per token exactly like [`crate::quant::quantize_activations`] and accumulate in i32, so they
 //! agree bit for bit before the final scale.
 
+/// Runs `$body` with `$t` the Rust type of a float `DType`, or fails naming `$what`.
+macro_rules! with_float {
+    ($dtype:expr, $what:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            other => candle_core::bail!("{}: expected f32, bf16 or f16, found {other:?}", $what),
+        }
+    };
+}
+
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
