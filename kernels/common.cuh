@@ -92,44 +92,33 @@ __device__ __forceinline__ float warp_reduce_sum(float v) {
   return v;
 }
 
-// Sum over the block in a fixed order (each warp's butterfly, then a butterfly over the warps'
-// sums padded with +0), returned to every thread. blockDim.x a multiple of 32, <= 1024.
-__device__ __forceinline__ float block_reduce_sum(float v) {
-  __shared__ float partial[WARP_SIZE];
+// Reduces v over the block in a fixed order, returned to every thread: each warp's butterfly
+// (warp_op), then a butterfly over the warps' results padded with `pad`. For float sums that
+// is ops::reference::block_sum's order. blockDim.x a multiple of 32, <= 1024.
+template <typename T, typename WarpOp>
+__device__ __forceinline__ T block_reduce(T v, T pad, WarpOp warp_op) {
+  __shared__ T partial[WARP_SIZE];
   const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-  v = warp_reduce_sum(v);
+  v = warp_op(v);
   if (lane == 0) partial[warp] = v;
   __syncthreads();
-  v = lane < blockDim.x / WARP_SIZE ? partial[lane] : 0.0f;
-  v = warp_reduce_sum(v);
-  __syncthreads();
-  return v;
-}
-
-// Max over the block, returned to every thread. blockDim.x must be a multiple of 32, <= 1024.
-__device__ __forceinline__ float block_reduce_max(float v) {
-  __shared__ float partial[WARP_SIZE];
-  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-  v = warp_reduce_max(v);
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  v = lane < blockDim.x / WARP_SIZE ? partial[lane] : 0.0f;
-  v = warp_reduce_max(v);
+  v = lane < blockDim.x / WARP_SIZE ? partial[lane] : pad;
+  v = warp_op(v);
   __syncthreads();  // partial[] may be reused by the caller's next reduction
   return v;
 }
 
-// Sum over the block, returned to every thread. blockDim.x must be a multiple of 32, <= 1024.
+__device__ __forceinline__ float block_reduce_sum(float v) {
+  return block_reduce(v, 0.0f, [](float x) { return warp_reduce_sum(x); });
+}
+
+// Of non-negative values (absolute maxima): the padding is 0.
+__device__ __forceinline__ float block_reduce_max(float v) {
+  return block_reduce(v, 0.0f, [](float x) { return warp_reduce_max(x); });
+}
+
 __device__ __forceinline__ int block_reduce_sum(int v) {
-  __shared__ int partial[WARP_SIZE];
-  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-  v = warp_reduce_sum(v);
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  v = lane < blockDim.x / WARP_SIZE ? partial[lane] : 0;
-  v = warp_reduce_sum(v);
-  __syncthreads();
-  return v;
+  return block_reduce(v, 0, [](int x) { return warp_reduce_sum(x); });
 }
 
 // 16 bytes from p, of which only the first n_valid are read (the rest are 0): packed weight
