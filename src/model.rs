@@ -697,6 +697,7 @@ impl BitnetModel {
         } else {
             vb.get_with_hints_dtype((v, h), "lm_head.weight", Init::Const(0.), head_dtype)?
         };
+        back_with_huge_pages(&lm_head);
         Ok(Self {
             embed_tokens: Embedding::new(embed, cfg.hidden_size),
             layers,
@@ -1027,6 +1028,19 @@ impl BitnetForCausalLM {
             bail!("empty input: at least one sequence is needed")
         }
         Tensor::stack(&out, 0)
+    }
+}
+
+/// A CPU tensor's memory on huge pages ([`cpu::back_with_huge_pages`]): the head, which a
+/// decoded token streams whole.
+fn back_with_huge_pages(t: &Tensor) {
+    use candle_core::{CpuStorage, Storage};
+    let (storage, _) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::BF16(v)) => cpu::back_with_huge_pages(v),
+        Storage::Cpu(CpuStorage::F16(v)) => cpu::back_with_huge_pages(v),
+        Storage::Cpu(CpuStorage::F32(v)) => cpu::back_with_huge_pages(v),
+        _ => {}
     }
 }
 

@@ -173,6 +173,7 @@ impl Int8Head {
         if let Some(v) = scales.iter().position(|s| !s.is_finite()) {
             bail!("int8 head: row {v} holds a non-finite weight")
         }
+        super::back_with_huge_pages(&values);
         Ok(Self {
             values,
             scales,

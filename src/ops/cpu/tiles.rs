@@ -74,6 +74,7 @@ impl TernaryTiles {
             }
             col += out;
         }
+        super::back_with_huge_pages(&blocks);
         Ok(Self {
             blocks,
             in_features,
@@ -113,6 +114,7 @@ impl TernaryTiles {
             tiles.segments.extend_from_slice(&part.segments);
             col += part.out_features();
         }
+        super::back_with_huge_pages(&tiles.blocks);
         Ok(tiles)
     }
 
