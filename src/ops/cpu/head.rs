@@ -964,4 +964,69 @@ mod tests {
         );
         Ok(())
     }
+
+    /// `y[t, v]` in [`dot_rows`]'s lane order with FMA, times the row's scale if any: what the
+    /// SIMD kernels must give bit for bit.
+    fn fma_order<W: HeadWeight>(x: &[f32], w: &[W], scales: Option<&[f32]>, h: usize) -> Vec<u32> {
+        let vocab = w.len() / h;
+        x.chunks_exact(h)
+            .flat_map(|x| {
+                (0..vocab).map(move |v| {
+                    let dot = dot_rows::<1, true, W>(&w[v * h..(v + 1) * h], x)[0];
+                    (dot * scales.map_or(1.0, |s| s[v])).to_bits()
+                })
+            })
+            .collect()
+    }
+
+    /// Every SIMD kernel, bf16 and int8, against [`fma_order`]: token counts that fill a
+    /// register block and leave some over, hidden sizes with and without tails, vocabularies
+    /// that leave rows over from every row block and span several L2 slices of a task.
+    #[test]
+    fn simd_kernels_give_the_bits_of_the_fma_lane_order() -> Result<()> {
+        let mut seed = 7u64;
+        let mut random = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+                })
+                .collect()
+        };
+        let simd = Kernel::available()
+            .iter()
+            .filter(|&&k| k != Kernel::Portable);
+        for &(vocab, hidden) in &[
+            (1, 32),
+            (7, 2560 + 7),
+            (67, 33),
+            (130, 96),
+            (5, 31),
+            (2000, 40),
+        ] {
+            let w = random(vocab * hidden, 0.2);
+            let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let head = Int8Head::from_f32(&w, hidden)?;
+            for n in [1, 2, 3, 4, 5, 9] {
+                let x = random(n * hidden, 4.0);
+                let want_bf16 = fma_order(&x, &w_bf16, None, hidden);
+                let want_int8 = fma_order(&x, head.values(), Some(head.scales()), hidden);
+                assert!(want_int8.iter().any(|&b| f32::from_bits(b) != 0.0));
+                for &kernel in simd.clone() {
+                    let what = format!("{kernel:?} {n}×{hidden}→{vocab}");
+                    let mut y = vec![f32::NAN; n * vocab];
+                    matmul_bf16(kernel, &x, &w_bf16, hidden, &mut y)?;
+                    let bits: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+                    assert!(bits == want_bf16, "bf16 {what}");
+                    y.fill(f32::NAN);
+                    matmul_int8(kernel, &x, &head, &mut y)?;
+                    let bits: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+                    assert!(bits == want_int8, "int8 {what}");
+                }
+            }
+        }
+        Ok(())
+    }
 }
