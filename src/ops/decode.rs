@@ -738,6 +738,7 @@ pub fn argmax_first(logits: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::f32_bits;
     use crate::quant::pack_ternary;
     use candle_core::{Device, D};
 
@@ -809,18 +810,14 @@ mod tests {
             let acts = rms_norm_quantize(&x, &w, eps)?;
             let stacked = Tensor::cat(&packed, 0)?;
             let got = bitlinear_quantized(&acts, &stacked, &segments, None, dtype)?;
-            let bits = |t: &Tensor| -> Result<Vec<u32>> {
-                Ok(t.to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect())
-            };
-            assert_eq!(bits(&got)?, bits(&want)?, "{dtype:?}");
+            assert_eq!(f32_bits(&got)?, f32_bits(&want)?, "{dtype:?}");
             let res = Tensor::from_vec(random(n * 20, 9, 4.0), (n, 20), &dev)?.to_dtype(dtype)?;
             let got = bitlinear_quantized(&acts, &stacked, &segments, Some(&res), dtype)?;
-            assert_eq!(bits(&got)?, bits(&(want + &res)?)?, "{dtype:?} + residual");
+            assert_eq!(
+                f32_bits(&got)?,
+                f32_bits(&(want + &res)?)?,
+                "{dtype:?} + residual"
+            );
         }
         Ok(())
     }

@@ -214,3 +214,14 @@ pub fn matmul_bf16_weight(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op2_no_bwd(&w.contiguous()?, &cpu::MatmulBf16Weight)
 }
+
+/// A tensor's values widened to f32, as bits: what the unit tests compare kernels by.
+#[cfg(test)]
+pub(crate) fn f32_bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|v| v.to_bits())
+        .collect())
+}
