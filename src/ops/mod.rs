@@ -225,3 +225,18 @@ pub(crate) fn f32_bits(t: &Tensor) -> Result<Vec<u32>> {
         .map(|v| v.to_bits())
         .collect())
 }
+
+/// `n` floats in `[-scale / 2, scale / 2)` from a small LCG seeded with `seed`: test inputs
+/// without a dev-dependency.
+#[cfg(test)]
+pub(crate) fn random_floats(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
+}

@@ -880,6 +880,7 @@ impl RegisterBlocks<i8> for Avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::random_floats;
     use candle_core::Device;
 
     fn weights(vocab: usize, hidden: usize) -> Vec<f32> {
@@ -953,17 +954,6 @@ mod tests {
     /// that leave rows over from every row block and span several L2 slices of a task.
     #[test]
     fn simd_kernels_give_the_bits_of_the_fma_lane_order() -> Result<()> {
-        let mut seed = 7u64;
-        let mut random = |n: usize, scale: f32| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-                })
-                .collect()
-        };
         let simd = Kernel::available()
             .iter()
             .filter(|&&k| k != Kernel::Portable);
@@ -975,11 +965,11 @@ mod tests {
             (5, 31),
             (2000, 40),
         ] {
-            let w = random(vocab * hidden, 0.2);
+            let w = random_floats(vocab * hidden, vocab as u64, 0.2);
             let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             let head = Int8Head::from_f32(&w, hidden)?;
             for n in [1, 2, 3, 4, 5, 9] {
-                let x = random(n * hidden, 4.0);
+                let x = random_floats(n * hidden, 100 + n as u64, 4.0);
                 let want_bf16 = fma_order(&x, &w_bf16, None, hidden);
                 let want_int8 = fma_order(&x, head.values(), Some(head.scales()), hidden);
                 assert!(want_int8.iter().any(|&b| f32::from_bits(b) != 0.0));
