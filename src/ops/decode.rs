@@ -737,21 +737,9 @@ pub fn argmax_first(logits: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::{f32_bits, random_floats};
     use crate::quant::pack_ternary;
     use candle_core::{Device, D};
-
-    fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        // A small LCG: no dev-dependency in unit tests.
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-            })
-            .collect()
-    }
 
     /// The fused path (norm → int8 → stacked BitLinear + residual) equals candle ops for the
     /// norm in the reference's arithmetic followed by `ops::bitlinear` per matrix.
@@ -760,8 +748,9 @@ mod tests {
         let dev = Device::Cpu;
         let (n, k, outs) = (3, 300, [8usize, 12]);
         for dtype in [DType::F32, DType::BF16] {
-            let x = Tensor::from_vec(random(n * k, 1, 8.0), (n, k), &dev)?.to_dtype(dtype)?;
-            let w = Tensor::from_vec(random(k, 2, 2.0), k, &dev)?.to_dtype(dtype)?;
+            let x =
+                Tensor::from_vec(random_floats(n * k, 1, 8.0), (n, k), &dev)?.to_dtype(dtype)?;
+            let w = Tensor::from_vec(random_floats(k, 2, 2.0), k, &dev)?.to_dtype(dtype)?;
             let eps = 1e-6;
             // transformers' RMSNorm with the reference's sum of squares
             let xf = x.to_dtype(DType::F32)?;
@@ -777,7 +766,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, &o)| {
-                    random(o * k, 3 + i as u64, 3.0)
+                    random_floats(o * k, 3 + i as u64, 3.0)
                         .iter()
                         .map(|v| v.round().clamp(-1.0, 1.0) as i8)
                         .collect()
@@ -808,18 +797,15 @@ mod tests {
             let acts = rms_norm_quantize(&x, &w, eps)?;
             let stacked = Tensor::cat(&packed, 0)?;
             let got = bitlinear_quantized(&acts, &stacked, &segments, None, dtype)?;
-            let bits = |t: &Tensor| -> Result<Vec<u32>> {
-                Ok(t.to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect())
-            };
-            assert_eq!(bits(&got)?, bits(&want)?, "{dtype:?}");
-            let res = Tensor::from_vec(random(n * 20, 9, 4.0), (n, 20), &dev)?.to_dtype(dtype)?;
+            assert_eq!(f32_bits(&got)?, f32_bits(&want)?, "{dtype:?}");
+            let res =
+                Tensor::from_vec(random_floats(n * 20, 9, 4.0), (n, 20), &dev)?.to_dtype(dtype)?;
             let got = bitlinear_quantized(&acts, &stacked, &segments, Some(&res), dtype)?;
-            assert_eq!(bits(&got)?, bits(&(want + &res)?)?, "{dtype:?} + residual");
+            assert_eq!(
+                f32_bits(&got)?,
+                f32_bits(&(want + &res)?)?,
+                "{dtype:?} + residual"
+            );
         }
         Ok(())
     }
@@ -838,12 +824,12 @@ mod tests {
         let (cos, sin) = (angles.cos()?, angles.sin()?);
         let table = Tensor::cat(&[&cos, &sin], 1)?;
         let cache = Tensor::from_vec(
-            random(2 * n_kv * cap * hd, 4, 2.0),
+            random_floats(2 * n_kv * cap * hd, 4, 2.0),
             (2, n_kv, cap, hd),
             &dev,
         )?;
         let qkv = Tensor::from_vec(
-            random((n_h + 2 * n_kv) * hd, 5, 2.0),
+            random_floats((n_h + 2 * n_kv) * hd, 5, 2.0),
             (1, (n_h + 2 * n_kv) * hd),
             &dev,
         )?;

@@ -239,3 +239,29 @@ pub fn matmul_bf16_weight(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op2_no_bwd(&w.contiguous()?, &cpu::MatmulBf16Weight)
 }
+
+/// A tensor's values widened to f32, as bits: what the unit tests compare kernels by.
+#[cfg(test)]
+pub(crate) fn f32_bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|v| v.to_bits())
+        .collect())
+}
+
+/// `n` floats in `[-scale / 2, scale / 2)` from a small LCG seeded with `seed`: test inputs
+/// without a dev-dependency.
+#[cfg(test)]
+pub(crate) fn random_floats(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
+}

@@ -101,6 +101,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::f32_bits;
     use candle_core::{DType, Device, Tensor, D};
 
     #[test]
@@ -115,15 +116,7 @@ mod tests {
             let want = (gate.relu()?.sqr()? * &up)?;
             let got = gate.apply_op2_no_bwd(&up, &Relu2Product)?;
             assert_eq!(got.dims(), want.dims());
-            let bits = |t: &Tensor| -> Result<Vec<u32>> {
-                Ok(t.to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect())
-            };
-            assert_eq!(bits(&got)?, bits(&want)?, "{dtype:?}");
+            assert_eq!(f32_bits(&got)?, f32_bits(&want)?, "{dtype:?}");
             assert!(
                 got.to_dtype(DType::F32)?
                     .abs()?

@@ -287,6 +287,33 @@ enum Start {
     Load,
 }
 
+/// The instruction moving accumulator `tmm$k` between its tile and a group's dots: per token
+/// (a `{s}`-byte line from `{o}`), the 16 i32 at byte `$offset`.
+macro_rules! accumulator_move {
+    (load, $k:literal, $offset:literal) => {
+        concat!("tileloadd tmm", $k, ", [{o} + {s}*1 + ", $offset, "]")
+    };
+    (store, $k:literal, $offset:literal) => {
+        concat!("tilestored [{o} + {s}*1 + ", $offset, "], tmm", $k)
+    };
+}
+
+/// `asm!` loading (`load`) or storing (`store`) the accumulators tmm0–3 from or to the
+/// [`GroupDots`] at `$out`: accumulator k holds output rows 16k.. of each token's line.
+macro_rules! accumulators {
+    ($direction:ident, $out:expr, $($options:tt)*) => {
+        asm!(
+            accumulator_move!($direction, 0, 0),
+            accumulator_move!($direction, 1, 64),
+            accumulator_move!($direction, 2, 128),
+            accumulator_move!($direction, 3, 192),
+            o = in(reg) $out,
+            s = in(reg) TILE_ROWS * 4,
+            $($options)*
+        )
+    };
+}
+
 /// One token group against `seg` decoded chunks; the accumulators go back to `dots` if `save`.
 ///
 /// # Safety
@@ -304,7 +331,6 @@ unsafe fn group_segment(
     save: bool,
 ) {
     let out = dots.0.as_mut_ptr().cast::<u8>();
-    let out_stride = TILE_ROWS * 4;
     // SAFETY (every block): the tile instructions touch only the tile registers and the
     // memory the caller vouches for: `x` rows, `codes` chunks, `dots` (16 rows of 256 bytes).
     unsafe {
@@ -316,15 +342,7 @@ unsafe fn group_segment(
                 "tilezero tmm3",
                 options(nostack, nomem)
             ),
-            Start::Load => asm!(
-                "tileloadd tmm0, [{o} + {s}*1]",
-                "tileloadd tmm1, [{o} + {s}*1 + 64]",
-                "tileloadd tmm2, [{o} + {s}*1 + 128]",
-                "tileloadd tmm3, [{o} + {s}*1 + 192]",
-                o = in(reg) out,
-                s = in(reg) out_stride,
-                options(nostack, readonly)
-            ),
+            Start::Load => accumulators!(load, out, options(nostack, readonly)),
             Start::Kept => {}
         }
         for c in 0..seg {
@@ -346,15 +364,7 @@ unsafe fn group_segment(
             );
         }
         if save {
-            asm!(
-                "tilestored [{o} + {s}*1], tmm0",
-                "tilestored [{o} + {s}*1 + 64], tmm1",
-                "tilestored [{o} + {s}*1 + 128], tmm2",
-                "tilestored [{o} + {s}*1 + 192], tmm3",
-                o = in(reg) out,
-                s = in(reg) out_stride,
-                options(nostack)
-            );
+            accumulators!(store, out, options(nostack));
         }
     }
 }

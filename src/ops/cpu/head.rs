@@ -314,15 +314,19 @@ impl HeadWeight for bf16 {
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
     unsafe fn run_avx512(task: Task<Self>) {
-        // SAFETY: the caller's guarantees are this function's.
-        unsafe { run_bf16_avx512(&task) }
+        let xd = deinterleave(task.x, task.hidden, LANES);
+        // SAFETY: the caller's guarantees are this function's; `xd` is laid out for `Avx512`.
+        unsafe { run_blocks::<Avx512, _>(&task, &xd) }
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(task: Task<Self>) {
-        // SAFETY: the caller's guarantees are this function's.
-        unsafe { run_bf16_avx2(&task) }
+        let xd = deinterleave(task.x, task.hidden, 16);
+        // SAFETY: the caller's guarantees are this function's; `xd` is laid out for `Avx2`.
+        unsafe { run_blocks::<Avx2, _>(&task, &xd) }
     }
 }
 
@@ -333,15 +337,18 @@ impl HeadWeight for i8 {
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
     unsafe fn run_avx512(task: Task<Self>) {
-        // SAFETY: the caller's guarantees are this function's.
-        unsafe { run_i8_avx512(&task) }
+        // SAFETY: the caller's guarantees are this function's; int8 blocks read the tokens
+        // as they are.
+        unsafe { run_blocks::<Avx512, _>(&task, task.x) }
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(task: Task<Self>) {
-        // SAFETY: the caller's guarantees are this function's.
-        unsafe { run_i8_avx2(&task) }
+        // SAFETY: as above.
+        unsafe { run_blocks::<Avx2, _>(&task, task.x) }
     }
 }
 
@@ -473,49 +480,145 @@ fn finish_dot<W: HeadWeight>(lanes: &[f32; LANES], w_tail: &[W], x_tail: &[f32])
     lanes.iter().copied().chain(tail).sum()
 }
 
-/// The bf16 head with AVX-512 intrinsics, register-blocked: two vocabulary rows times four
-/// tokens (16 zmm accumulators) per pass over `hidden`, so each weight vector is widened once
-/// for four tokens and each token vector serves two rows. A 64-byte load holds 32 bf16; a shift
-/// and a mask widen its even and odd elements, and the tokens are stored the same way
-/// (deinterleaved per 32), so every accumulator lane sums exactly the products of the portable
-/// lane it stands for, in the same order: the results are [`dot_rows`]'s bits with FMA.
+/// The x86 instruction sets with register-blocked head kernels ([`RegisterBlocks`]): AVX-512F
+/// and AVX2, both with FMA.
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+/// One instruction set's register-blocked head kernel for weights `W`: the block shapes it
+/// takes and the block itself, which [`run_blocks`] walks over a task.
+#[cfg(target_arch = "x86_64")]
+trait RegisterBlocks<W> {
+    /// Tokens in a block, at most 4.
+    const TOKENS: usize;
+    /// Rows in a block for one token, 1 or 2.
+    const ROWS_ONE_TOKEN: usize;
+    /// Rows in a block for several tokens, 1 or 2.
+    const ROWS: usize;
+    /// Rows every token group sweeps before the next group starts: [`L2_ROWS`] (the rows stay
+    /// in L2 for all groups) or 1 (each row stays in L1 for all groups).
+    const SLICE_ROWS: usize;
+
+    /// Rows `r..r + R` of the task's block against tokens `t0..t0 + T`, unscaled; `xd` holds
+    /// the tokens laid out as the block loads them (the tails are read from the task).
+    ///
+    /// # Safety
+    /// The CPU must support the instruction set; those rows and tokens exist.
+    unsafe fn block<const R: usize, const T: usize>(
+        task: &Task<W>,
+        xd: &[f32],
+        r: usize,
+        t0: usize,
+    ) -> [[f32; T]; R];
+}
+
+/// Runs a task in `K`'s register blocks: slices of `K::SLICE_ROWS` rows, and in each, every
+/// group of `K::TOKENS` tokens against the slice's rows, as many rows at a time as `K` takes.
+/// Inlined into each instruction set's entry point, so every block is inlined with its
+/// features.
 ///
 /// # Safety
-/// The CPU must support AVX-512F and FMA.
+/// The CPU must support `K`'s instruction set; `xd` holds the task's tokens as `K` loads them.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn run_bf16_avx512(task: &Task<bf16>) {
+#[inline(always)]
+unsafe fn run_blocks<K: RegisterBlocks<W>, W: HeadWeight>(task: &Task<W>, xd: &[f32]) {
+    const {
+        assert!(K::TOKENS >= 1 && K::TOKENS <= 4);
+        assert!(K::ROWS_ONE_TOKEN >= 1 && K::ROWS_ONE_TOKEN <= 2);
+        assert!(K::ROWS >= 1 && K::ROWS <= 2);
+        assert!(K::SLICE_ROWS >= 1);
+    }
+    // Constants: in the guards below they keep the shapes `K` never takes from being built.
+    let (two_rows_one_token, two_rows) = (K::ROWS_ONE_TOKEN == 2, K::ROWS == 2);
+    let (two_tokens, three_tokens, four_tokens) = (K::TOKENS >= 2, K::TOKENS >= 3, K::TOKENS == 4);
     let h = task.hidden;
     let n = task.x.len() / h;
     let rows = task.w.len() / h;
-    // Token rows with each 32-wide chunk as [even elements, odd elements]; tails as they are.
-    let xd = deinterleave(task.x, h, LANES);
-    let xs = BlockInput {
-        xd: &xd,
-        x: task.x,
-        h,
-    };
-    for s0 in (0..rows).step_by(L2_ROWS) {
-        let s1 = (s0 + L2_ROWS).min(rows);
-        for t0 in (0..n).step_by(4) {
+    for s0 in (0..rows).step_by(K::SLICE_ROWS) {
+        let s1 = (s0 + K::SLICE_ROWS).min(rows);
+        for t0 in (0..n).step_by(K::TOKENS) {
+            let tokens = (n - t0).min(K::TOKENS);
+            let most_rows = if tokens == 1 {
+                K::ROWS_ONE_TOKEN
+            } else {
+                K::ROWS
+            };
             let mut r = s0;
             while r < s1 {
-                // SAFETY: rows r.. and tokens t0.. exist (counts bounded below), AVX-512F and
-                // FMA are enabled here.
+                // SAFETY: rows r.. and tokens t0.. exist (counts bounded above); the caller
+                // vouches for the instruction set and `xd`.
                 r += unsafe {
-                    match ((s1 - r).min(2), (n - t0).min(4)) {
-                        (2, 4) => task.write(r, t0, bf16_block::<2, 4>(task.w, &xs, r, t0)),
-                        (2, 3) => task.write(r, t0, bf16_block::<2, 3>(task.w, &xs, r, t0)),
-                        (2, 2) => task.write(r, t0, bf16_block::<2, 2>(task.w, &xs, r, t0)),
-                        (2, _) => task.write(r, t0, bf16_block::<2, 1>(task.w, &xs, r, t0)),
-                        (_, 4) => task.write(r, t0, bf16_block::<1, 4>(task.w, &xs, r, t0)),
-                        (_, 3) => task.write(r, t0, bf16_block::<1, 3>(task.w, &xs, r, t0)),
-                        (_, 2) => task.write(r, t0, bf16_block::<1, 2>(task.w, &xs, r, t0)),
-                        (_, _) => task.write(r, t0, bf16_block::<1, 1>(task.w, &xs, r, t0)),
+                    match ((s1 - r).min(most_rows), tokens) {
+                        (1, 1) => task.run_block::<K, 1, 1>(xd, r, t0),
+                        (1, 2) if two_tokens => task.run_block::<K, 1, 2>(xd, r, t0),
+                        (1, 3) if three_tokens => task.run_block::<K, 1, 3>(xd, r, t0),
+                        (1, 4) if four_tokens => task.run_block::<K, 1, 4>(xd, r, t0),
+                        (2, 1) if two_rows_one_token => task.run_block::<K, 2, 1>(xd, r, t0),
+                        (2, 2) if two_rows && two_tokens => task.run_block::<K, 2, 2>(xd, r, t0),
+                        (2, 3) if two_rows && three_tokens => task.run_block::<K, 2, 3>(xd, r, t0),
+                        (2, 4) if two_rows && four_tokens => task.run_block::<K, 2, 4>(xd, r, t0),
+                        shape => unreachable!("head block {shape:?} is not one of the kernel's"),
                     }
                 };
             }
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<W: HeadWeight> Task<'_, W> {
+    /// Rows `r..r + R` of this block against tokens `t0..t0 + T` on `K`, stored, each times its
+    /// row's scale as in [`Self::run`]; returns `R`.
+    ///
+    /// # Safety
+    /// The CPU must support `K`'s instruction set; `xd` holds the tokens as `K` loads them;
+    /// those rows and tokens exist.
+    #[inline(always)]
+    unsafe fn run_block<K: RegisterBlocks<W>, const R: usize, const T: usize>(
+        &self,
+        xd: &[f32],
+        r: usize,
+        t0: usize,
+    ) -> usize {
+        // SAFETY: the caller's guarantees are the block's.
+        let dots = unsafe { K::block::<R, T>(self, xd, r, t0) };
+        for (i, dots) in dots.iter().enumerate() {
+            // Times 1 (the bf16 head) is exact.
+            let scale = self.row_scales.map_or(1.0, |s| s[r + i]);
+            for (t, &d) in dots.iter().enumerate() {
+                // SAFETY: as in `run_slice`: the token and row exist, tasks own disjoint rows.
+                unsafe {
+                    self.out
+                        .write((t0 + t) * self.vocab + self.v0 + r + i, d * scale)
+                };
+            }
+        }
+        R
+    }
+
+    /// The dot products of rows `r..r + R` with tokens `t0..t0 + T` from their accumulators'
+    /// 32 lane sums (`lanes(i, t)` for row `r + i` and token `t0 + t`, in [`dot_rows`]'s lane
+    /// order) and the products past the last full chunk.
+    #[inline(always)]
+    fn finish_block<const R: usize, const T: usize>(
+        &self,
+        r: usize,
+        t0: usize,
+        lanes: impl Fn(usize, usize) -> [f32; LANES],
+    ) -> [[f32; T]; R] {
+        let h = self.hidden;
+        let full = h / LANES * LANES;
+        let mut dots = [[0f32; T]; R];
+        for (i, dots) in dots.iter_mut().enumerate() {
+            let w_tail = &self.w[(r + i) * h + full..(r + i + 1) * h];
+            for (t, d) in dots.iter_mut().enumerate() {
+                let x_tail = &self.x[(t0 + t) * h + full..(t0 + t + 1) * h];
+                *d = finish_dot(&lanes(i, t), w_tail, x_tail);
+            }
+        }
+        dots
     }
 }
 
@@ -539,379 +642,246 @@ fn deinterleave(x: &[f32], h: usize, group: usize) -> Vec<f32> {
     xd
 }
 
-/// The bf16 head with AVX2 intrinsics: one vocabulary row times two tokens (8 ymm
-/// accumulators of the 16) per pass, widened like [`run_bf16_avx512`] 16 bf16 at a time, so
-/// the results are again [`dot_rows`]'s bits with FMA.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
+/// The bf16 head with AVX-512 intrinsics: two vocabulary rows times four tokens (16 zmm
+/// accumulators) per pass over `hidden`, so each weight vector is widened once for four tokens
+/// and each token vector serves two rows. A 64-byte load holds 32 bf16; a shift and a mask
+/// widen its even and odd elements, and the tokens are stored the same way (deinterleaved per
+/// 32), so every accumulator lane sums exactly the products of the portable lane it stands
+/// for, in the same order: the results are [`dot_rows`]'s bits with FMA.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn run_bf16_avx2(task: &Task<bf16>) {
-    let h = task.hidden;
-    let n = task.x.len() / h;
-    let rows = task.w.len() / h;
-    let xd = deinterleave(task.x, h, 16);
-    let xs = BlockInput {
-        xd: &xd,
-        x: task.x,
-        h,
-    };
-    for r in 0..rows {
-        for t0 in (0..n).step_by(2) {
-            // SAFETY: row r and tokens t0.. exist, AVX2 and FMA are enabled.
-            unsafe {
-                if n - t0 >= 2 {
-                    task.write(r, t0, bf16_block_avx2::<2>(task.w, &xs, r, t0));
-                } else {
-                    task.write(r, t0, bf16_block_avx2::<1>(task.w, &xs, r, t0));
-                }
-            }
-        }
-    }
-}
+impl RegisterBlocks<bf16> for Avx512 {
+    const TOKENS: usize = 4;
+    const ROWS_ONE_TOKEN: usize = 2;
+    const ROWS: usize = 2;
+    const SLICE_ROWS: usize = L2_ROWS;
 
-/// Row `r` of `w` against tokens `t0..t0 + T`.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; that row and those tokens exist.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-// Indices name the register tile (token t, quarter q) more plainly than zipped iterators.
-#[allow(clippy::needless_range_loop)]
-unsafe fn bf16_block_avx2<const T: usize>(
-    w: &[bf16],
-    xs: &BlockInput,
-    r: usize,
-    t0: usize,
-) -> [[f32; T]; 1] {
-    use std::arch::x86_64::*;
-    let h = xs.h;
-    let full = h / LANES * LANES;
-    let wp = w.as_ptr().add(r * h) as *const u16;
-    let xp = xs.xd.as_ptr().add(t0 * h);
-    let odd = _mm256_set1_epi32(0xffff_0000u32 as i32);
-    // Quarter q of a chunk: q / 2 picks its 16-element half, q % 2 even or odd elements.
-    let mut acc = [[_mm256_setzero_ps(); 4]; T];
-    for c in (0..full).step_by(LANES) {
-        let mut wf = [_mm256_setzero_ps(); 4];
-        for g in 0..2 {
-            // SAFETY: 16 bf16 at c + 16g of row r, inside its full chunks.
-            let v = _mm256_loadu_si256(wp.add(c + 16 * g) as *const __m256i);
-            wf[2 * g] = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
-            wf[2 * g + 1] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
-        }
-        for t in 0..T {
-            for q in 0..4 {
-                // SAFETY: 8 f32 at c + 8q of token t0 + t, inside its full chunks.
-                let x = _mm256_loadu_ps(xp.add(t * h + c + 8 * q));
-                acc[t][q] = _mm256_fmadd_ps(wf[q], x, acc[t][q]);
-            }
-        }
-    }
-    let row = &w[r * h..(r + 1) * h];
-    let mut dots = [0f32; T];
-    for t in 0..T {
-        let mut quarters = [[0f32; 8]; 4];
-        for q in 0..4 {
-            _mm256_storeu_ps(quarters[q].as_mut_ptr(), acc[t][q]);
-        }
-        let lanes: [f32; LANES] = std::array::from_fn(|l| {
-            let (half, k) = (l / 16, l % 16);
-            quarters[2 * half + k % 2][k / 2]
-        });
-        let x = &xs.x[(t0 + t) * h..(t0 + t + 1) * h];
-        dots[t] = finish_dot(&lanes, &row[full..], &x[full..]);
-    }
-    [dots]
-}
-
-/// The tokens of a call, deinterleaved for [`bf16_block`] and as given (for the tails).
-#[cfg(target_arch = "x86_64")]
-struct BlockInput<'a> {
-    xd: &'a [f32],
-    x: &'a [f32],
-    h: usize,
-}
-
-impl<W> Task<'_, W> {
-    /// Stores the dot products of rows `r..r + R` (of this block) with tokens `t0..t0 + T`;
-    /// returns `R`.
-    fn write<const R: usize, const T: usize>(
-        &self,
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    // Indices name the register tile (row i, token t, half) more plainly than zipped iterators.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn block<const R: usize, const T: usize>(
+        task: &Task<bf16>,
+        xd: &[f32],
         r: usize,
         t0: usize,
-        dots: [[f32; T]; R],
-    ) -> usize {
-        for (i, dots) in dots.iter().enumerate() {
-            for (t, &d) in dots.iter().enumerate() {
-                // SAFETY: as in `run_slice`: the token and row exist, tasks own disjoint rows.
-                unsafe { self.out.write((t0 + t) * self.vocab + self.v0 + r + i, d) };
+    ) -> [[f32; T]; R] {
+        use std::arch::x86_64::*;
+        let h = task.hidden;
+        let full = h / LANES * LANES;
+        let wp = task.w.as_ptr().add(r * h) as *const u16;
+        let xp = xd.as_ptr().add(t0 * h);
+        let odd = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        let mut acc = [[[_mm512_setzero_ps(); 2]; T]; R];
+        for c in (0..full).step_by(LANES) {
+            let mut wf = [[_mm512_setzero_ps(); 2]; R];
+            for (i, wf) in wf.iter_mut().enumerate() {
+                // SAFETY: 32 bf16 at c of row r + i, inside its full chunks.
+                let v = _mm512_loadu_si512(wp.add(i * h + c) as *const _);
+                wf[0] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                wf[1] = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
             }
-        }
-        R
-    }
-}
-
-/// Rows `r..r + R` of `w` against tokens `t0..t0 + T`.
-///
-/// # Safety
-/// The CPU must support AVX-512F and FMA; those rows and tokens exist.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-#[inline]
-// Indices name the register tile (row i, token t, half) more plainly than zipped iterators.
-#[allow(clippy::needless_range_loop)]
-unsafe fn bf16_block<const R: usize, const T: usize>(
-    w: &[bf16],
-    xs: &BlockInput,
-    r: usize,
-    t0: usize,
-) -> [[f32; T]; R] {
-    use std::arch::x86_64::*;
-    let h = xs.h;
-    let full = h / LANES * LANES;
-    let wp = w.as_ptr().add(r * h) as *const u16;
-    let xp = xs.xd.as_ptr().add(t0 * h);
-    let odd = _mm512_set1_epi32(0xffff_0000u32 as i32);
-    let mut acc = [[[_mm512_setzero_ps(); 2]; T]; R];
-    for c in (0..full).step_by(LANES) {
-        let mut wf = [[_mm512_setzero_ps(); 2]; R];
-        for (i, wf) in wf.iter_mut().enumerate() {
-            // SAFETY: 32 bf16 at c of row r + i, inside its full chunks.
-            let v = _mm512_loadu_si512(wp.add(i * h + c) as *const _);
-            wf[0] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
-            wf[1] = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
-        }
-        for t in 0..T {
-            for half in 0..2 {
-                // SAFETY: 16 f32 at c + 16·half of token t0 + t, inside its full chunks.
-                let x = _mm512_loadu_ps(xp.add(t * h + c + half * 16));
-                for i in 0..R {
-                    acc[i][t][half] = _mm512_fmadd_ps(wf[i][half], x, acc[i][t][half]);
+            for t in 0..T {
+                for half in 0..2 {
+                    // SAFETY: 16 f32 at c + 16·half of token t0 + t, inside its full chunks.
+                    let x = _mm512_loadu_ps(xp.add(t * h + c + half * 16));
+                    for i in 0..R {
+                        acc[i][t][half] = _mm512_fmadd_ps(wf[i][half], x, acc[i][t][half]);
+                    }
                 }
             }
         }
-    }
-    let mut dots = [[0f32; T]; R];
-    for i in 0..R {
-        let row = &w[(r + i) * h..(r + i + 1) * h];
-        for t in 0..T {
+        task.finish_block(r, t0, |i, t| {
             let (mut even, mut odd) = ([0f32; 16], [0f32; 16]);
             _mm512_storeu_ps(even.as_mut_ptr(), acc[i][t][0]);
             _mm512_storeu_ps(odd.as_mut_ptr(), acc[i][t][1]);
-            let lanes: [f32; LANES] =
-                std::array::from_fn(|l| if l % 2 == 0 { even[l / 2] } else { odd[l / 2] });
-            let x = &xs.x[(t0 + t) * h..(t0 + t + 1) * h];
-            dots[i][t] = finish_dot(&lanes, &row[full..], &x[full..]);
-        }
+            std::array::from_fn(|l| if l % 2 == 0 { even[l / 2] } else { odd[l / 2] })
+        })
     }
-    dots
 }
 
-/// The int8 head with AVX-512 intrinsics, register-blocked: one vocabulary row for one token
-/// (one sequential stream, software-prefetched: measured faster than four rows at once), or two
-/// rows times up to four tokens (16 zmm accumulators). 16 int8 sign-extend to i32 and convert to f32 exactly, in order, so zmm
-/// `half` of an accumulator is lanes `16·half..` of [`dot_rows`]: the results are its bits with
-/// FMA, the row scale applied after as in [`Task::run`].
-///
-/// # Safety
-/// The CPU must support AVX-512F and FMA.
+/// The bf16 head with AVX2 intrinsics: one vocabulary row times two tokens (8 ymm
+/// accumulators of the 16) per pass, each row against every token pair while it sits in L1
+/// (measured: faster than L2 slices at 4 tokens, slower at 16), widened like the AVX-512
+/// kernel 16 bf16 at a time (the tokens deinterleaved per 16 to match), so the results are
+/// again [`dot_rows`]'s bits with FMA.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn run_i8_avx512(task: &Task<i8>) {
-    let h = task.hidden;
-    let n = task.x.len() / h;
-    let rows = task.w.len() / h;
-    for s0 in (0..rows).step_by(L2_ROWS) {
-        let s1 = (s0 + L2_ROWS).min(rows);
-        for t0 in (0..n).step_by(4) {
-            let mut r = s0;
-            while r < s1 {
-                // SAFETY: rows r.. and tokens t0.. exist (counts bounded below), AVX-512F and
-                // FMA are enabled here.
-                r += unsafe {
-                    match ((s1 - r).min(2), (n - t0).min(4)) {
-                        (_, 1) => task.write_scaled(r, t0, i8_block::<1, 1>(task, r, t0)),
-                        (1, 4) => task.write_scaled(r, t0, i8_block::<1, 4>(task, r, t0)),
-                        (1, 3) => task.write_scaled(r, t0, i8_block::<1, 3>(task, r, t0)),
-                        (1, _) => task.write_scaled(r, t0, i8_block::<1, 2>(task, r, t0)),
-                        (_, 4) => task.write_scaled(r, t0, i8_block::<2, 4>(task, r, t0)),
-                        (_, 3) => task.write_scaled(r, t0, i8_block::<2, 3>(task, r, t0)),
-                        (_, _) => task.write_scaled(r, t0, i8_block::<2, 2>(task, r, t0)),
+impl RegisterBlocks<bf16> for Avx2 {
+    const TOKENS: usize = 2;
+    const ROWS_ONE_TOKEN: usize = 1;
+    const ROWS: usize = 1;
+    const SLICE_ROWS: usize = 1;
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    // Indices name the register tile (row i, token t, quarter q) more plainly than zipped
+    // iterators.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn block<const R: usize, const T: usize>(
+        task: &Task<bf16>,
+        xd: &[f32],
+        r: usize,
+        t0: usize,
+    ) -> [[f32; T]; R] {
+        use std::arch::x86_64::*;
+        let h = task.hidden;
+        let full = h / LANES * LANES;
+        let wp = task.w.as_ptr().add(r * h) as *const u16;
+        let xp = xd.as_ptr().add(t0 * h);
+        let odd = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        // Quarter q of a chunk: q / 2 picks its 16-element half, q % 2 even or odd elements.
+        let mut acc = [[[_mm256_setzero_ps(); 4]; T]; R];
+        for c in (0..full).step_by(LANES) {
+            let mut wf = [[_mm256_setzero_ps(); 4]; R];
+            for i in 0..R {
+                for g in 0..2 {
+                    // SAFETY: 16 bf16 at c + 16g of row r + i, inside its full chunks.
+                    let v = _mm256_loadu_si256(wp.add(i * h + c + 16 * g) as *const __m256i);
+                    wf[i][2 * g] = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
+                    wf[i][2 * g + 1] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+                }
+            }
+            for t in 0..T {
+                for q in 0..4 {
+                    // SAFETY: 8 f32 at c + 8q of token t0 + t, inside its full chunks.
+                    let x = _mm256_loadu_ps(xp.add(t * h + c + 8 * q));
+                    for i in 0..R {
+                        acc[i][t][q] = _mm256_fmadd_ps(wf[i][q], x, acc[i][t][q]);
                     }
-                };
-            }
-        }
-    }
-}
-
-/// Rows `r..r + R` of the block against tokens `t0..t0 + T`, unscaled.
-///
-/// # Safety
-/// The CPU must support AVX-512F and FMA; those rows and tokens exist.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-#[inline]
-// Indices name the register tile (row i, token t, half) more plainly than zipped iterators.
-#[allow(clippy::needless_range_loop)]
-unsafe fn i8_block<const R: usize, const T: usize>(
-    task: &Task<i8>,
-    r: usize,
-    t0: usize,
-) -> [[f32; T]; R] {
-    use std::arch::x86_64::*;
-    let h = task.hidden;
-    let full = h / LANES * LANES;
-    let wp = task.w.as_ptr().add(r * h);
-    let xp = task.x.as_ptr().add(t0 * h);
-    let mut acc = [[[_mm512_setzero_ps(); 2]; T]; R];
-    for c in (0..full).step_by(LANES) {
-        let mut wf = [[_mm512_setzero_ps(); 2]; R];
-        for i in 0..R {
-            if c % 64 == 0 {
-                // Only a hint: past the end of `w` it loads nothing, hence no `add`.
-                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i * h + c + PREFETCH_BYTES).cast());
-            }
-            for half in 0..2 {
-                // SAFETY: 16 int8 at c + 16·half of row r + i, inside its full chunks.
-                let v = _mm_loadu_si128(wp.add(i * h + c + 16 * half) as *const __m128i);
-                wf[i][half] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
-            }
-        }
-        for t in 0..T {
-            for half in 0..2 {
-                // SAFETY: 16 f32 at c + 16·half of token t0 + t, inside its full chunks.
-                let x = _mm512_loadu_ps(xp.add(t * h + c + 16 * half));
-                for i in 0..R {
-                    acc[i][t][half] = _mm512_fmadd_ps(wf[i][half], x, acc[i][t][half]);
                 }
             }
         }
+        task.finish_block(r, t0, |i, t| {
+            let mut quarters = [[0f32; 8]; 4];
+            for q in 0..4 {
+                _mm256_storeu_ps(quarters[q].as_mut_ptr(), acc[i][t][q]);
+            }
+            std::array::from_fn(|l| {
+                let (half, k) = (l / 16, l % 16);
+                quarters[2 * half + k % 2][k / 2]
+            })
+        })
     }
-    let mut dots = [[0f32; T]; R];
-    for i in 0..R {
-        let row = &task.w[(r + i) * h..(r + i + 1) * h];
-        for t in 0..T {
+}
+
+/// The int8 head with AVX-512 intrinsics: one vocabulary row for one token (one sequential
+/// stream, software-prefetched: measured faster than two rows at once), or two rows times up
+/// to four tokens (16 zmm accumulators). 16 int8 sign-extend to i32 and convert to f32
+/// exactly, in order, so zmm `half` of an accumulator is lanes `16·half..` of [`dot_rows`]:
+/// the results are its bits with FMA, the row scale applied after as in [`Task::run`].
+#[cfg(target_arch = "x86_64")]
+impl RegisterBlocks<i8> for Avx512 {
+    const TOKENS: usize = 4;
+    const ROWS_ONE_TOKEN: usize = 1;
+    const ROWS: usize = 2;
+    const SLICE_ROWS: usize = L2_ROWS;
+
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    // Indices name the register tile (row i, token t, half) more plainly than zipped iterators.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn block<const R: usize, const T: usize>(
+        task: &Task<i8>,
+        xd: &[f32],
+        r: usize,
+        t0: usize,
+    ) -> [[f32; T]; R] {
+        use std::arch::x86_64::*;
+        let h = task.hidden;
+        let full = h / LANES * LANES;
+        let wp = task.w.as_ptr().add(r * h);
+        let xp = xd.as_ptr().add(t0 * h);
+        let mut acc = [[[_mm512_setzero_ps(); 2]; T]; R];
+        for c in (0..full).step_by(LANES) {
+            let mut wf = [[_mm512_setzero_ps(); 2]; R];
+            for i in 0..R {
+                if c % 64 == 0 {
+                    // Only a hint: past the end of `w` it loads nothing, hence no `add`.
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i * h + c + PREFETCH_BYTES).cast());
+                }
+                for half in 0..2 {
+                    // SAFETY: 16 int8 at c + 16·half of row r + i, inside its full chunks.
+                    let v = _mm_loadu_si128(wp.add(i * h + c + 16 * half) as *const __m128i);
+                    wf[i][half] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+                }
+            }
+            for t in 0..T {
+                for half in 0..2 {
+                    // SAFETY: 16 f32 at c + 16·half of token t0 + t, inside its full chunks.
+                    let x = _mm512_loadu_ps(xp.add(t * h + c + 16 * half));
+                    for i in 0..R {
+                        acc[i][t][half] = _mm512_fmadd_ps(wf[i][half], x, acc[i][t][half]);
+                    }
+                }
+            }
+        }
+        task.finish_block(r, t0, |i, t| {
             let mut lanes = [0f32; LANES];
             _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i][t][0]);
             _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[i][t][1]);
-            let x = &task.x[(t0 + t) * h..(t0 + t + 1) * h];
-            dots[i][t] = finish_dot(&lanes, &row[full..], &x[full..]);
-        }
+            lanes
+        })
     }
-    dots
 }
 
 /// The int8 head with AVX2 intrinsics: two vocabulary rows for one token, or one row times two
 /// tokens (8 ymm accumulators of the 16), widened 8 int8 at a time in order, so the results
 /// are again [`dot_rows`]'s bits with FMA.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn run_i8_avx2(task: &Task<i8>) {
-    let h = task.hidden;
-    let n = task.x.len() / h;
-    let rows = task.w.len() / h;
-    for s0 in (0..rows).step_by(L2_ROWS) {
-        let s1 = (s0 + L2_ROWS).min(rows);
-        for t0 in (0..n).step_by(2) {
-            let mut r = s0;
-            while r < s1 {
-                // SAFETY: rows r.. and tokens t0.. exist (counts bounded below), AVX2 and FMA
-                // are enabled here.
-                r += unsafe {
-                    match ((s1 - r).min(2), (n - t0).min(2)) {
-                        (2, 1) => task.write_scaled(r, t0, i8_block_avx2::<2, 1>(task, r, t0)),
-                        (_, 1) => task.write_scaled(r, t0, i8_block_avx2::<1, 1>(task, r, t0)),
-                        (_, _) => task.write_scaled(r, t0, i8_block_avx2::<1, 2>(task, r, t0)),
-                    }
-                };
-            }
-        }
-    }
-}
+impl RegisterBlocks<i8> for Avx2 {
+    const TOKENS: usize = 2;
+    const ROWS_ONE_TOKEN: usize = 2;
+    const ROWS: usize = 1;
+    const SLICE_ROWS: usize = L2_ROWS;
 
-/// Rows `r..r + R` of the block against tokens `t0..t0 + T`, unscaled; `R · T ≤ 2`.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; those rows and tokens exist.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-// Indices name the register tile (row i, token t, quarter q) more plainly than zipped iterators.
-#[allow(clippy::needless_range_loop)]
-unsafe fn i8_block_avx2<const R: usize, const T: usize>(
-    task: &Task<i8>,
-    r: usize,
-    t0: usize,
-) -> [[f32; T]; R] {
-    use std::arch::x86_64::*;
-    let h = task.hidden;
-    let full = h / LANES * LANES;
-    let wp = task.w.as_ptr().add(r * h);
-    let xp = task.x.as_ptr().add(t0 * h);
-    let mut acc = [[[_mm256_setzero_ps(); 4]; T]; R];
-    for c in (0..full).step_by(LANES) {
-        let mut wf = [[_mm256_setzero_ps(); 4]; R];
-        for i in 0..R {
-            for q in 0..4 {
-                // SAFETY: 8 int8 at c + 8q of row r + i, inside its full chunks.
-                let v = _mm_loadl_epi64(wp.add(i * h + c + 8 * q) as *const __m128i);
-                wf[i][q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    // Indices name the register tile (row i, token t, quarter q) more plainly than zipped
+    // iterators.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn block<const R: usize, const T: usize>(
+        task: &Task<i8>,
+        xd: &[f32],
+        r: usize,
+        t0: usize,
+    ) -> [[f32; T]; R] {
+        use std::arch::x86_64::*;
+        let h = task.hidden;
+        let full = h / LANES * LANES;
+        let wp = task.w.as_ptr().add(r * h);
+        let xp = xd.as_ptr().add(t0 * h);
+        let mut acc = [[[_mm256_setzero_ps(); 4]; T]; R];
+        for c in (0..full).step_by(LANES) {
+            let mut wf = [[_mm256_setzero_ps(); 4]; R];
+            for i in 0..R {
+                for q in 0..4 {
+                    // SAFETY: 8 int8 at c + 8q of row r + i, inside its full chunks.
+                    let v = _mm_loadl_epi64(wp.add(i * h + c + 8 * q) as *const __m128i);
+                    wf[i][q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                }
             }
-        }
-        for t in 0..T {
-            for q in 0..4 {
-                // SAFETY: 8 f32 at c + 8q of token t0 + t, inside its full chunks.
-                let x = _mm256_loadu_ps(xp.add(t * h + c + 8 * q));
-                for i in 0..R {
-                    acc[i][t][q] = _mm256_fmadd_ps(wf[i][q], x, acc[i][t][q]);
+            for t in 0..T {
+                for q in 0..4 {
+                    // SAFETY: 8 f32 at c + 8q of token t0 + t, inside its full chunks.
+                    let x = _mm256_loadu_ps(xp.add(t * h + c + 8 * q));
+                    for i in 0..R {
+                        acc[i][t][q] = _mm256_fmadd_ps(wf[i][q], x, acc[i][t][q]);
+                    }
                 }
             }
         }
-    }
-    let mut dots = [[0f32; T]; R];
-    for i in 0..R {
-        let row = &task.w[(r + i) * h..(r + i + 1) * h];
-        for t in 0..T {
+        task.finish_block(r, t0, |i, t| {
             let mut lanes = [0f32; LANES];
             for q in 0..4 {
                 _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * q), acc[i][t][q]);
             }
-            let x = &task.x[(t0 + t) * h..(t0 + t + 1) * h];
-            dots[i][t] = finish_dot(&lanes, &row[full..], &x[full..]);
-        }
-    }
-    dots
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Task<'_, i8> {
-    /// [`Self::write`] with each row's dot products times its scale, as [`Self::run`] does.
-    fn write_scaled<const R: usize, const T: usize>(
-        &self,
-        r: usize,
-        t0: usize,
-        mut dots: [[f32; T]; R],
-    ) -> usize {
-        if let Some(scales) = self.row_scales {
-            for (i, dots) in dots.iter_mut().enumerate() {
-                for d in dots {
-                    *d *= scales[r + i];
-                }
-            }
-        }
-        self.write(r, t0, dots)
+            lanes
+        })
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::random_floats;
     use candle_core::Device;
 
     fn weights(vocab: usize, hidden: usize) -> Vec<f32> {
@@ -963,6 +933,60 @@ mod tests {
             &Int8Head::from_tensor(&t_f16)?,
             &Int8Head::from_f32(&f16_values, hidden)?,
         );
+        Ok(())
+    }
+
+    /// `y[t, v]` in [`dot_rows`]'s lane order with FMA, times the row's scale if any: what the
+    /// SIMD kernels must give bit for bit.
+    fn fma_order<W: HeadWeight>(x: &[f32], w: &[W], scales: Option<&[f32]>, h: usize) -> Vec<u32> {
+        let vocab = w.len() / h;
+        x.chunks_exact(h)
+            .flat_map(|x| {
+                (0..vocab).map(move |v| {
+                    let dot = dot_rows::<1, true, W>(&w[v * h..(v + 1) * h], x)[0];
+                    (dot * scales.map_or(1.0, |s| s[v])).to_bits()
+                })
+            })
+            .collect()
+    }
+
+    /// Every SIMD kernel, bf16 and int8, against [`fma_order`]: token counts that fill a
+    /// register block and leave some over, hidden sizes with and without tails, vocabularies
+    /// that leave rows over from every row block and span several L2 slices of a task.
+    #[test]
+    fn simd_kernels_give_the_bits_of_the_fma_lane_order() -> Result<()> {
+        let simd = Kernel::available()
+            .iter()
+            .filter(|&&k| k != Kernel::Portable);
+        for &(vocab, hidden) in &[
+            (1, 32),
+            (7, 2560 + 7),
+            (67, 33),
+            (130, 96),
+            (5, 31),
+            (2000, 40),
+        ] {
+            let w = random_floats(vocab * hidden, vocab as u64, 0.2);
+            let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let head = Int8Head::from_f32(&w, hidden)?;
+            for n in [1, 2, 3, 4, 5, 9] {
+                let x = random_floats(n * hidden, 100 + n as u64, 4.0);
+                let want_bf16 = fma_order(&x, &w_bf16, None, hidden);
+                let want_int8 = fma_order(&x, head.values(), Some(head.scales()), hidden);
+                assert!(want_int8.iter().any(|&b| f32::from_bits(b) != 0.0));
+                for &kernel in simd.clone() {
+                    let what = format!("{kernel:?} {n}×{hidden}→{vocab}");
+                    let mut y = vec![f32::NAN; n * vocab];
+                    matmul_bf16(kernel, &x, &w_bf16, hidden, &mut y)?;
+                    let bits: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+                    assert!(bits == want_bf16, "bf16 {what}");
+                    y.fill(f32::NAN);
+                    matmul_int8(kernel, &x, &head, &mut y)?;
+                    let bits: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+                    assert!(bits == want_int8, "int8 {what}");
+                }
+            }
+        }
         Ok(())
     }
 }
