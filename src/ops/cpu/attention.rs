@@ -749,42 +749,39 @@ unsafe fn weigh_all<L: Lanes, const QT: usize, const DT: usize>(
             && out.len() >= job.rows() * job.out_stride()
             && queries.iter().all(|q| q.seen <= span)
     );
-    // Keys every query sees, as tiles that start the sums; then those of the later rows only,
-    // one query at a time.
+    // Keys every query sees, as tiles, a block of keys at a time so that its values stay in
+    // L1 for every tile; then those of the later rows only, one query at a time.
     let common = queries.first().map_or(0, |q| q.seen);
-    let mut i = 0;
-    while i < n {
-        let tile = if n - i >= QT { QT } else { 1 };
-        let (queries, p) = (&queries[i..i + tile], &p[i * span..]);
-        let mut d = 0;
-        while d < full {
-            let strips = if full - d >= DT * LANES { DT } else { 1 };
-            // SAFETY: the caller's features; keys, queries and strips within the bounds above.
-            unsafe {
-                match (tile == QT, strips == DT) {
-                    (true, true) => {
-                        weigh_tile::<L, QT, DT, true>(job, queries, p, d, 0..common, out)
-                    }
-                    (true, false) => {
-                        weigh_tile::<L, QT, 1, true>(job, queries, p, d, 0..common, out)
-                    }
-                    (false, true) => {
-                        weigh_tile::<L, 1, DT, true>(job, queries, p, d, 0..common, out)
-                    }
-                    (false, false) => {
-                        weigh_tile::<L, 1, 1, true>(job, queries, p, d, 0..common, out)
+    for start in (0..common.max(1)).step_by(VALUE_KEYS) {
+        let keys = start..common.min(start + VALUE_KEYS);
+        let mut i = 0;
+        while i < n {
+            let tile = if n - i >= QT { QT } else { 1 };
+            let (queries, p) = (&queries[i..i + tile], &p[i * span..]);
+            let mut d = 0;
+            while d < full {
+                let strips = if full - d >= DT * LANES { DT } else { 1 };
+                let keys = keys.clone();
+                // SAFETY: the caller's features; keys, queries and strips within the bounds
+                // above.
+                unsafe {
+                    match (tile == QT, strips == DT) {
+                        (true, true) => weigh_tile::<L, QT, DT>(job, queries, p, d, keys, out),
+                        (true, false) => weigh_tile::<L, QT, 1>(job, queries, p, d, keys, out),
+                        (false, true) => weigh_tile::<L, 1, DT>(job, queries, p, d, keys, out),
+                        (false, false) => weigh_tile::<L, 1, 1>(job, queries, p, d, keys, out),
                     }
                 }
+                d += strips * LANES;
             }
-            d += strips * LANES;
+            i += tile;
         }
-        i += tile;
     }
-    for (i, query) in queries.iter().enumerate() {
+    for (i, query) in queries.iter().enumerate().filter(|(_, q)| q.seen > common) {
         let (query, p) = (std::slice::from_ref(query), &p[i * span..]);
         for d in (0..full).step_by(LANES) {
             // SAFETY: as above.
-            unsafe { weigh_tile::<L, 1, 1, false>(job, query, p, d, common..query[0].seen, out) };
+            unsafe { weigh_tile::<L, 1, 1>(job, query, p, d, common..query[0].seen, out) };
         }
     }
     // Elements past the last 16.
@@ -800,13 +797,17 @@ unsafe fn weigh_all<L: Lanes, const QT: usize, const DT: usize>(
     }
 }
 
-/// Elements `d .. d + 16 · DT` of `QT` queries' sums over the values, for the keys in `keys`,
-/// from 0 (`START`) or from what `out` holds; `p[a · span + j]`: query `a`'s weight of key `j`.
+/// Keys of a block of the sums over the values: their value rows, 16 KiB at 128 floats.
+const VALUE_KEYS: usize = 32;
+
+/// Elements `d .. d + 16 · DT` of `QT` queries' sums over the values, for the keys in `keys`:
+/// from 0 when they start at key 0, else from what `out` holds; `p[a · span + j]`: query
+/// `a`'s weight of key `j`.
 ///
 /// # Safety
 /// The CPU has `L`'s features; keys within the span and elements within each query's sum.
 #[inline(always)]
-unsafe fn weigh_tile<L: Lanes, const QT: usize, const DT: usize, const START: bool>(
+unsafe fn weigh_tile<L: Lanes, const QT: usize, const DT: usize>(
     job: &Job,
     queries: &[Query],
     p: &[f32],
@@ -822,7 +823,7 @@ unsafe fn weigh_tile<L: Lanes, const QT: usize, const DT: usize, const START: bo
         let mut acc = [[L::zero(); DT]; QT];
         for (a, acc) in acc.iter_mut().enumerate() {
             at[a] = out.add(queries[a].acc + d);
-            for (s, acc) in acc.iter_mut().enumerate().filter(|_| !START) {
+            for (s, acc) in acc.iter_mut().enumerate().filter(|_| keys.start > 0) {
                 *acc = L::load(at[a].add(s * LANES));
             }
         }
