@@ -704,15 +704,17 @@ unsafe fn score_tile<L: Lanes, const QT: usize, const KT: usize>(
     // or a key row of hd floats.
     unsafe {
         let mut acc = [[L::zero(); KT]; QT];
-        let mut lanes = [L::zero(); QT];
+        let (mut queries, mut keys) = ([L::zero(); QT], [L::zero(); KT]);
         for c in (0..full).step_by(LANES) {
-            for a in 0..QT {
-                lanes[a] = L::load(q[a].as_ptr().add(c));
+            for (lanes, q) in queries.iter_mut().zip(&q) {
+                *lanes = L::load(q.as_ptr().add(c));
             }
-            for b in 0..KT {
-                let k = L::load(k.as_ptr().add(b * hd + c));
-                for a in 0..QT {
-                    acc[a][b] = L::mul_add(lanes[a], k, acc[a][b]);
+            for (b, lanes) in keys.iter_mut().enumerate() {
+                *lanes = L::load(k.as_ptr().add(b * hd + c));
+            }
+            for (acc, &q) in acc.iter_mut().zip(&queries) {
+                for (acc, &k) in acc.iter_mut().zip(&keys) {
+                    *acc = L::mul_add(q, k, *acc);
                 }
             }
         }
@@ -1000,6 +1002,59 @@ mod tests {
         let mut y2 = vec![0f32; 4 * 128];
         attend(shape, &[other, alone], &mut y2);
         assert_eq!(y1, y2[3 * 128..]);
+    }
+
+    /// Rows prefilled together, in blocks, give each row the bits it gets as the only row
+    /// of a step (decoding one token at a time over the same cache), on every kernel.
+    #[test]
+    fn a_prefilled_row_matches_the_row_attended_alone() {
+        let mut rng = StdRng::seed_from_u64(7);
+        // Query heads per KV head of 1, 3 and 4; widths with and without a tail past 16.
+        for (heads, kv_heads, head_dim) in [(4, 4, 32), (6, 2, 20), (8, 2, 64)] {
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
+            };
+            // 19 new rows after 250 cached: blocks that cross the first KEY_CHUNK.
+            let (t, keys, capacity) = (19, 269, 272);
+            let q = random(&mut rng, t * shape.q_width());
+            let k = random(&mut rng, capacity * shape.kv_width());
+            let v = random(&mut rng, capacity * shape.kv_width());
+            let prefill = SeqAttention {
+                q: &q,
+                k: &k,
+                v: &v,
+                keys,
+                capacity,
+            };
+            for &kernel in Kernel::available() {
+                let mut together = vec![f32::NAN; q.len()];
+                attend_with(kernel, shape, &[prefill], &mut together);
+                assert!(
+                    together.iter().all(|y| y.is_finite()),
+                    "{kernel:?}: unwritten"
+                );
+                for (i, (q, together)) in q
+                    .chunks_exact(shape.q_width())
+                    .zip(together.chunks_exact(shape.q_width()))
+                    .enumerate()
+                {
+                    let alone = SeqAttention {
+                        q,
+                        keys: keys - t + i + 1,
+                        ..prefill
+                    };
+                    let mut y = vec![f32::NAN; q.len()];
+                    attend_with(kernel, shape, &[alone], &mut y);
+                    let same = y
+                        .iter()
+                        .zip(together)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{kernel:?} {shape:?}: row {i}");
+                }
+            }
+        }
     }
 
     #[test]
