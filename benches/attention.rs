@@ -18,9 +18,10 @@ const MIN_SECONDS: f64 = 0.5;
 const MIN_RUNS: usize = 3;
 
 /// (name, sequences, new rows per sequence, positions cached before them)
-const CASES: [(&str, usize, usize, usize); 4] = [
+const CASES: [(&str, usize, usize, usize); 5] = [
     ("prefill 128", 1, 128, 0),
     ("prefill 512", 1, 512, 0),
+    ("decode 1 seq at 140", 1, 1, 139),
     ("decode 16 seqs at 512", 16, 1, 511),
     ("decode 1 seq at 1024", 1, 1, 1023),
 ];
