@@ -600,7 +600,7 @@ unsafe fn job_body<L: Lanes, const SQ: usize, const SK: usize, const VQ: usize, 
         let p = &mut scores[i * span..][..query.seen];
         let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         for s in p.iter_mut() {
-            *s = (*s - max).exp();
+            *s = exp(*s - max);
         }
         out[job.stats_at(i)] = max;
     }
@@ -622,6 +622,13 @@ unsafe fn job_body<L: Lanes, const SQ: usize, const SK: usize, const VQ: usize, 
     }
     // SAFETY: as above.
     unsafe { weigh_all::<L, VQ, VD>(job, queries, scores, out) };
+}
+
+/// `x.exp()`, out of line: the compiler would otherwise vectorize the loop around it into
+/// shuffles feeding 16 scalar calls, slower than one call per element.
+#[inline(never)]
+fn exp(x: f32) -> f32 {
+    x.exp()
 }
 
 /// Rows of exponentials summed side by side.
