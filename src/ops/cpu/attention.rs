@@ -2,12 +2,15 @@
 //!
 //! Through candle ops, one sequence's attention in one layer is ~25 small ops (narrows, RoPE,
 //! cache copies, two matmuls, the softmax pieces); with 16 sequences that cost more than the
-//! arithmetic. Here a task is one query row and one KV head: it scores the row's `n_rep`
-//! query heads against the keys it may see, takes the softmax in f32 and sums the values,
-//! normalizing after the product with V as PyTorch's CPU flash attention (transformers' sdpa)
-//! does. Rows of more than `KEY_CHUNK` keys are cut into parts combined afterwards (as flash
-//! decoding does), so that one long sequence keeps every thread busy. A row's result depends
-//! only on its own sequence, so batching never changes it.
+//! arithmetic. Here a task is a block of up to `ROW_BLOCK` consecutive query rows of one
+//! sequence, one KV head and a span of keys: it scores the block's query heads against the
+//! keys a few at a time, as a small matrix product held in registers (each key and value row
+//! loaded serves every query of the block), takes each row's softmax in f32 and sums the
+//! values, normalizing after the product with V as PyTorch's CPU flash attention
+//! (transformers' sdpa) does. Rows of more than `KEY_CHUNK` keys are cut into parts combined
+//! afterwards (as flash decoding does), so that one long sequence keeps every thread busy.
+//! Each query's arithmetic is the same whichever rows share its task, so neither the blocking
+//! nor the rest of the batch changes a bit of a row's result.
 //!
 //! Dot products use 16 f32 lanes summed in one fixed order, with FMA on AVX2 and AVX-512
 //! (the two give the same bits) and a separate multiply and add in the portable build.
@@ -79,82 +82,139 @@ pub fn attend(shape: AttentionShape, seqs: &[SeqAttention], y: &mut [f32]) {
 
 /// [`attend`] with a chosen kernel (the tests compare them).
 pub fn attend_with(kernel: Kernel, shape: AttentionShape, seqs: &[SeqAttention], y: &mut [f32]) {
-    let (qw, hd, group) = (shape.q_width(), shape.head_dim, shape.group());
-    // Task i: row i / kv_heads, KV head i % kv_heads; its heads' outputs are adjacent in y.
-    let mut rows = Vec::new();
+    let (qw, hd, group, kv_heads) = (
+        shape.q_width(),
+        shape.head_dim,
+        shape.group(),
+        shape.kv_heads,
+    );
+    let width = group * hd;
+    let rows: usize = seqs.iter().map(|seq| seq.q.len() / qw).sum();
+    assert_eq!(y.len(), rows * qw, "attention output size");
+    // Output task i is row i / kv_heads and KV head i % kv_heads, its heads adjacent in y. Its
+    // parts (KEY_CHUNK keys each, in order) are parts_of[i] .. parts_of[i + 1].
+    let mut parts_of = Vec::with_capacity(rows * kv_heads + 1);
+    parts_of.push(0);
+    for seq in seqs {
+        let t = seq.q.len() / qw;
+        assert!(
+            t <= seq.keys && seq.keys <= seq.capacity,
+            "attention: {t} new rows, {} keys, room for {}",
+            seq.keys,
+            seq.capacity
+        );
+        for i in 0..t {
+            let parts = (seq.keys - t + i + 1).div_ceil(KEY_CHUNK);
+            for _ in 0..kv_heads {
+                parts_of.push(parts_of[parts_of.len() - 1] + parts);
+            }
+        }
+    }
+    // Blocks of rows × a KV head × a chunk of keys; a block's parts take adjacent slots.
+    let mut slot_of_part = vec![0; parts_of[parts_of.len() - 1]];
+    let mut blocks = Vec::new();
+    let (mut slots, mut seq_row) = (0, 0);
     for (s, seq) in seqs.iter().enumerate() {
         let t = seq.q.len() / qw;
-        rows.extend((0..t).map(|i| (s, i, seq.keys - t + i + 1)));
+        for start in (0..t).step_by(ROW_BLOCK) {
+            let end = t.min(start + ROW_BLOCK);
+            // Keys the block's last row sees.
+            let visible = seq.keys - t + end;
+            for g in 0..kv_heads {
+                for chunk in (0..visible).step_by(KEY_CHUNK) {
+                    // The rows that see the chunk's first key.
+                    let from = start.max((chunk + t).saturating_sub(seq.keys));
+                    for i in from..end {
+                        let part = parts_of[(seq_row + i) * kv_heads + g] + chunk / KEY_CHUNK;
+                        slot_of_part[part] = slots + i - from;
+                    }
+                    blocks.push(Block {
+                        seq: s,
+                        rows: from..end,
+                        kv_head: g,
+                        keys: chunk..visible.min(chunk + KEY_CHUNK),
+                    });
+                    slots += end - from;
+                }
+            }
+        }
+        seq_row += t;
     }
-    assert_eq!(y.len(), rows.len() * qw, "attention output size");
-    let scale = 1.0 / (hd as f32).sqrt();
-    let width = group * hd;
-    // Parts: a task's keys, KEY_CHUNK at a time; a task's parts are adjacent, from parts_of[task].
-    let tasks = rows.len() * shape.kv_heads;
-    let mut parts = Vec::with_capacity(tasks);
-    let mut parts_of = Vec::with_capacity(tasks + 1);
-    for task in 0..tasks {
-        parts_of.push(parts.len());
-        let visible = rows[task / shape.kv_heads].2;
-        parts.extend(
-            (0..visible)
-                .step_by(KEY_CHUNK)
-                .map(|c| (task, c..visible.min(c + KEY_CHUNK))),
-        );
-    }
-    parts_of.push(parts.len());
-    // Per part: its heads' unnormalized Σ exp(s − max)·V, then each head's (max, Σ exp).
+    // Per slot (a row's part): its heads' unnormalized Σ exp(s − max)·V, then each head's
+    // (max, Σ exp).
     let stride = width + 2 * group;
-    let mut partial = vec![0f32; parts.len() * stride];
-    partial
-        .par_chunks_mut(stride)
-        .zip(&parts)
-        .for_each(|(out, (task, keys))| {
-            let ((s, i, _), g) = (rows[task / shape.kv_heads], task % shape.kv_heads);
-            let seq = &seqs[s];
-            let head = g * seq.capacity * hd;
-            let span = head + keys.start * hd..head + keys.end * hd;
-            let job = Job {
-                hd,
-                q: &seq.q[i * qw + g * width..][..width],
-                k: &seq.k[span.clone()],
-                v: &seq.v[span],
-                scale,
-            };
-            SCORES.with_borrow_mut(|scores| {
-                scores.resize(group * keys.len(), 0.0);
-                run(kernel, &job, scores, out)
-            })
-        });
+    let mut partial = vec![0f32; slots * stride];
+    let mut outs = Vec::with_capacity(blocks.len());
+    let mut rest = partial.as_mut_slice();
+    for block in &blocks {
+        let (out, more) = rest.split_at_mut(block.rows.len() * stride);
+        outs.push(out);
+        rest = more;
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    blocks.par_iter().zip(outs).for_each(|(block, out)| {
+        let seq = &seqs[block.seq];
+        let t = seq.q.len() / qw;
+        let head = block.kv_head * seq.capacity * hd;
+        let span = head + block.keys.start * hd..head + block.keys.end * hd;
+        let first_sees = seq.keys - t + block.rows.start + 1;
+        let job = Job {
+            hd,
+            group,
+            scale,
+            q: &seq.q[block.rows.start * qw..block.rows.end * qw],
+            q_stride: qw,
+            q_offset: block.kv_head * width,
+            k: &seq.k[span.clone()],
+            v: &seq.v[span],
+            first_keys: first_sees.min(block.keys.end) - block.keys.start,
+        };
+        SCRATCH.with_borrow_mut(|scratch| run(kernel, &job, scratch, out))
+    });
     // Combining is light: only many tasks are worth spreading.
     y.par_chunks_mut(width)
         .with_min_len(64)
         .enumerate()
         .for_each(|(task, y)| {
-            let task_parts = &partial[parts_of[task] * stride..parts_of[task + 1] * stride];
-            combine(task_parts, stride, hd, y)
+            let parts = slot_of_part[parts_of[task]..parts_of[task + 1]]
+                .iter()
+                .map(|&slot| &partial[slot * stride..][..stride]);
+            combine(parts, hd, y)
         });
 }
 
-/// Keys one part of a task scores at most. A long row is cut so that one sequence's few tasks
-/// (one per KV head) spread over the threads; the cut depends only on the row's own length,
-/// never on the rest of the batch, and a row of at most this many keys is one part, whose
-/// combination below changes no bit.
+/// Keys one part of a row scores at most. A long row is cut so that one sequence's few tasks
+/// spread over the threads; the cut depends only on the row's own length, never on the rest
+/// of the batch, and a row of at most this many keys is one part, whose combination below
+/// changes no bit.
 const KEY_CHUNK: usize = 256;
 
-/// A task's output from its parts (`[acc of every head, (max, Σ exp) of every head]` each):
+/// Query rows of one sequence a task takes together: each key and value row it loads serves
+/// the query heads of this many rows.
+const ROW_BLOCK: usize = 8;
+
+/// One task: rows of a sequence against one KV head's keys in `keys` (a chunk: rows that see
+/// none of it are left out).
+struct Block {
+    seq: usize,
+    rows: std::ops::Range<usize>,
+    kv_head: usize,
+    keys: std::ops::Range<usize>,
+}
+
+/// A row's output from its parts (`[acc of every head, (max, Σ exp) of every head]` each):
 /// every part rescaled to the largest max, summed in order, then normalized.
-fn combine(parts: &[f32], stride: usize, hd: usize, y: &mut [f32]) {
+fn combine<'a>(parts: impl Iterator<Item = &'a [f32]> + Clone, hd: usize, y: &mut [f32]) {
     let width = y.len();
     for (r, y) in y.chunks_exact_mut(hd).enumerate() {
         let stat = |p: &[f32], k: usize| p[width + 2 * r + k];
         let max = parts
-            .chunks_exact(stride)
+            .clone()
             .map(|p| stat(p, 0))
             .fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         y.fill(0.0);
-        for p in parts.chunks_exact(stride) {
+        for p in parts.clone() {
             let w = (stat(p, 0) - max).exp();
             sum += stat(p, 1) * w;
             for (y, &a) in y.iter_mut().zip(&p[r * hd..][..hd]) {
@@ -169,28 +229,89 @@ fn combine(parts: &[f32], stride: usize, hd: usize, y: &mut [f32]) {
 }
 
 thread_local! {
-    /// One row's attention scores, kept between tasks.
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A task's scores and query table, kept between tasks.
+    static SCRATCH: RefCell<Scratch> = const {
+        RefCell::new(Scratch {
+            scores: Vec::new(),
+            queries: Vec::new(),
+        })
+    };
 }
 
-/// One query row's heads of one KV head against a span of the keys it sees, `[span, hd]`.
+struct Scratch {
+    /// `[queries, span]`: the scores, then their exponentials.
+    scores: Vec<f32>,
+    queries: Vec<Query>,
+}
+
+/// One query head of a task: where its vector and its sum over the values start (in the
+/// job's `q` and the task's output), and how many keys of the span it sees.
+#[derive(Clone, Copy)]
+struct Query {
+    q: usize,
+    acc: usize,
+    seen: usize,
+}
+
+/// A block of one sequence's query rows, with the query heads of one KV head, against a span
+/// of that head's keys and values, `[span, hd]`. Query `i` is row `i / group`'s head
+/// `i % group` of the KV head; a row's output is its heads' sums over the values, then each
+/// head's (max, Σ exp).
 struct Job<'a> {
     hd: usize,
+    group: usize,
+    scale: f32,
+    /// The block's rows, `[rows, q_stride]`; the KV head's query heads start at `q_offset`.
     q: &'a [f32],
+    q_stride: usize,
+    q_offset: usize,
     k: &'a [f32],
     v: &'a [f32],
-    scale: f32,
+    /// Keys of the span the first row sees; each later row sees one more, up to the span.
+    first_keys: usize,
 }
 
-fn run(kernel: Kernel, job: &Job, scores: &mut [f32], out: &mut [f32]) {
+impl Job<'_> {
+    fn rows(&self) -> usize {
+        self.q.len() / self.q_stride
+    }
+
+    fn span(&self) -> usize {
+        self.k.len() / self.hd
+    }
+
+    fn out_stride(&self) -> usize {
+        self.group * (self.hd + 2)
+    }
+
+    /// Every query head, in order.
+    fn queries(&self) -> impl Iterator<Item = Query> + '_ {
+        (0..self.rows()).flat_map(move |row| {
+            (0..self.group).map(move |head| Query {
+                q: row * self.q_stride + self.q_offset + head * self.hd,
+                acc: row * self.out_stride() + head * self.hd,
+                seen: (self.first_keys + row).min(self.span()),
+            })
+        })
+    }
+
+    /// Where query `i`'s (max, Σ exp) sit in the task's output.
+    fn stats_at(&self, i: usize) -> usize {
+        let (row, head) = (i / self.group, i % self.group);
+        row * self.out_stride() + self.group * self.hd + 2 * head
+    }
+}
+
+fn run(kernel: Kernel, job: &Job, scratch: &mut Scratch, out: &mut [f32]) {
     match kernel {
         // SAFETY: the kernel is only picked when the CPU has its features.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => unsafe { run_avx512(job, scores, out) },
+        Kernel::Avx512Vnni => unsafe { run_avx512(job, scratch, out) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => unsafe { run_avx2(job, scores, out) },
-        _ => job_body::<false>(job, scores, out, dot),
+        Kernel::Avx2 => unsafe { run_avx2(job, scratch, out) },
+        // SAFETY: the portable lanes need no feature.
+        _ => unsafe { job_body::<Portable, 2, 2, 4, 1>(job, scratch, out) },
     }
 }
 
@@ -198,166 +319,543 @@ fn run(kernel: Kernel, job: &Job, scores: &mut [f32], out: &mut [f32]) {
 /// The CPU must support AVX-512F and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn run_avx512(job: &Job, scores: &mut [f32], out: &mut [f32]) {
-    // SAFETY: the features are this function's own.
-    job_body::<true>(job, scores, out, |a, b| unsafe {
-        x86_dot::dot_avx512(a, b)
-    })
+unsafe fn run_avx512(job: &Job, scratch: &mut Scratch, out: &mut [f32]) {
+    // SAFETY: the features are this function's own. 16 score accumulators fold at once
+    // (`fold16`); 16 value accumulators: 4 query heads × 64 floats.
+    unsafe { job_body::<std::arch::x86_64::__m512, 4, 4, 4, 4>(job, scratch, out) }
 }
 
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2(job: &Job, scores: &mut [f32], out: &mut [f32]) {
-    // SAFETY: the features are this function's own.
-    job_body::<true>(job, scores, out, |a, b| unsafe { x86_dot::dot_avx2(a, b) })
+unsafe fn run_avx2(job: &Job, scratch: &mut Scratch, out: &mut [f32]) {
+    // SAFETY: the features are this function's own. Each accumulator takes two of the 16
+    // registers.
+    unsafe { job_body::<x86_lanes::Avx2Lanes, 2, 2, 4, 1>(job, scratch, out) }
 }
 
-/// [`dot`] with FMA in registers of 16 (AVX-512) or 8 (AVX2) lanes: left to itself the
-/// compiler keeps the 16 lanes in four 128-bit registers.
+/// 16 f32 lanes of partial sums in a kernel's registers. A dot product's lane `l` sums the
+/// products of elements `l`, `l + 16`, … in order; the lanes are then folded in halves
+/// (`fold`), and the elements past the last 16 added one by one.
+///
+/// # Safety
+/// Every method but `mul_add_scalar` needs the CPU features of its kernel; `load` and `store`
+/// need 16 floats at the pointer.
+trait Lanes: Copy {
+    unsafe fn zero() -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    unsafe fn splat(x: f32) -> Self;
+    /// `acc + a·b`, rounded once with FMA (the SIMD kernels), twice without.
+    unsafe fn mul_add(a: Self, b: Self, acc: Self) -> Self;
+    fn mul_add_scalar(a: f32, b: f32, acc: f32) -> f32;
+    /// `sums[i]`: the lanes of `acc[i]` folded in halves (16 → 8 → 4 → 2 → 1).
+    unsafe fn fold(acc: &[Self], sums: &mut [f32]);
+}
+
+/// The portable build's lanes: products rounded, then added.
+#[derive(Clone, Copy)]
+struct Portable([f32; LANES]);
+
+impl Lanes for Portable {
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Portable([0.0; LANES])
+    }
+
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: the caller's 16 floats.
+        Portable(unsafe { p.cast::<[f32; LANES]>().read_unaligned() })
+    }
+
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: as above.
+        unsafe { p.cast::<[f32; LANES]>().write_unaligned(self.0) }
+    }
+
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        Portable([x; LANES])
+    }
+
+    #[inline(always)]
+    unsafe fn mul_add(a: Self, b: Self, mut acc: Self) -> Self {
+        for l in 0..LANES {
+            acc.0[l] += a.0[l] * b.0[l];
+        }
+        acc
+    }
+
+    #[inline(always)]
+    fn mul_add_scalar(a: f32, b: f32, acc: f32) -> f32 {
+        acc + a * b
+    }
+
+    #[inline(always)]
+    unsafe fn fold(acc: &[Self], sums: &mut [f32]) {
+        for (Portable(mut acc), sum) in acc.iter().copied().zip(sums) {
+            let mut width = LANES / 2;
+            while width > 0 {
+                for l in 0..width {
+                    acc[l] += acc[l + width];
+                }
+                width /= 2;
+            }
+            *sum = acc[0];
+        }
+    }
+}
+
+/// AVX-512 (one register) and AVX2 (two) lanes, with FMA; the same bits either way.
 #[cfg(target_arch = "x86_64")]
-mod x86_dot {
-    use super::LANES;
+mod x86_lanes {
+    use super::{Lanes, LANES};
     use std::arch::x86_64::*;
 
-    /// # Safety
-    /// AVX-512F and FMA; `b` at least as long as `a`.
+    // SAFETY (every method): AVX-512F and FMA, the trait's contract; loads and stores stay in
+    // the caller's 16 floats.
+    impl Lanes for __m512 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { _mm512_setzero_ps() }
+        }
+
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { _mm512_storeu_ps(p, self) }
+        }
+
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            unsafe { _mm512_set1_ps(x) }
+        }
+
+        #[inline(always)]
+        unsafe fn mul_add(a: Self, b: Self, acc: Self) -> Self {
+            unsafe { _mm512_fmadd_ps(a, b, acc) }
+        }
+
+        #[inline(always)]
+        fn mul_add_scalar(a: f32, b: f32, acc: f32) -> f32 {
+            a.mul_add(b, acc)
+        }
+
+        #[inline(always)]
+        unsafe fn fold(acc: &[Self], sums: &mut [f32]) {
+            if acc.len() == 16 {
+                // SAFETY: as above; 16 accumulators and sums.
+                return unsafe { fold16(acc.try_into().unwrap(), sums) };
+            }
+            for (&acc, sum) in acc.iter().zip(sums) {
+                unsafe {
+                    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+                    *sum = fold8(_mm256_add_ps(_mm512_castps512_ps256(acc), hi));
+                }
+            }
+        }
+    }
+
+    /// The fold of 16 registers at once, each step adding the same lanes as the fold of one
+    /// (16 → 8 → 4 → 2 → 1) but for two to eight registers per instruction.
     #[inline(always)]
-    pub(super) unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-        let full = a.len() / LANES * LANES;
-        debug_assert!(b.len() >= a.len());
-        // SAFETY: every load reads 16 floats below `full` of both slices; features: the caller.
+    unsafe fn fold16(acc: &[__m512; 16], sums: &mut [f32]) {
+        // SAFETY: register arithmetic; the store writes the 16 sums.
         unsafe {
-            let mut acc = _mm512_setzero_ps();
-            for c in (0..full).step_by(LANES) {
-                let (x, y) = (
-                    _mm512_loadu_ps(a.as_ptr().add(c)),
-                    _mm512_loadu_ps(b.as_ptr().add(c)),
+            // 8 registers: [lanes 0..8 + lanes 8..16 of acc 2i, the same of acc 2i + 1].
+            let mut halves = [_mm512_setzero_ps(); 8];
+            for (i, h) in halves.iter_mut().enumerate() {
+                let (a, b) = (acc[2 * i], acc[2 * i + 1]);
+                *h = _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x44>(a, b),
+                    _mm512_shuffle_f32x4::<0xEE>(a, b),
                 );
-                acc = _mm512_fmadd_ps(x, y, acc);
             }
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
-            let lanes8 = _mm256_add_ps(_mm512_castps512_ps256(acc), hi);
-            finish(lanes8, &a[full..], &b[full..a.len()])
+            // 4 registers: 128-bit block b of register m holds 4 lanes of acc 4m + b.
+            let mut quarters = [_mm512_setzero_ps(); 4];
+            for (m, q) in quarters.iter_mut().enumerate() {
+                let (a, b) = (halves[2 * m], halves[2 * m + 1]);
+                *q = _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x88>(a, b),
+                    _mm512_shuffle_f32x4::<0xDD>(a, b),
+                );
+            }
+            // 2 registers: block b of register n holds 2 lanes of acc 8n + b, then of 8n + 4 + b.
+            let mut eighths = [_mm512_setzero_ps(); 2];
+            for (n, e) in eighths.iter_mut().enumerate() {
+                let (a, b) = (
+                    _mm512_castps_pd(quarters[2 * n]),
+                    _mm512_castps_pd(quarters[2 * n + 1]),
+                );
+                *e = _mm512_add_ps(
+                    _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                    _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+                );
+            }
+            let (a, b) = (eighths[0], eighths[1]);
+            // Lane 4b + k: acc 4k + b.
+            let folded = _mm512_add_ps(
+                _mm512_shuffle_ps::<0x88>(a, b),
+                _mm512_shuffle_ps::<0xDD>(a, b),
+            );
+            let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+            _mm512_storeu_ps(sums.as_mut_ptr(), _mm512_permutexvar_ps(order, folded));
         }
     }
 
-    /// # Safety
-    /// AVX2 and FMA; `b` at least as long as `a`.
+    /// Lanes 0..8 of `acc` in halves of 8, as two AVX2 registers.
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx2Lanes(__m256, __m256);
+
+    // SAFETY (every method): AVX2 and FMA, the trait's contract; loads and stores stay in the
+    // caller's 16 floats.
+    impl Lanes for Avx2Lanes {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { Avx2Lanes(_mm256_setzero_ps(), _mm256_setzero_ps()) }
+        }
+
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { Avx2Lanes(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(LANES / 2))) }
+        }
+
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe {
+                _mm256_storeu_ps(p, self.0);
+                _mm256_storeu_ps(p.add(LANES / 2), self.1);
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            unsafe { Avx2Lanes(_mm256_set1_ps(x), _mm256_set1_ps(x)) }
+        }
+
+        #[inline(always)]
+        unsafe fn mul_add(a: Self, b: Self, acc: Self) -> Self {
+            unsafe {
+                Avx2Lanes(
+                    _mm256_fmadd_ps(a.0, b.0, acc.0),
+                    _mm256_fmadd_ps(a.1, b.1, acc.1),
+                )
+            }
+        }
+
+        #[inline(always)]
+        fn mul_add_scalar(a: f32, b: f32, acc: f32) -> f32 {
+            a.mul_add(b, acc)
+        }
+
+        #[inline(always)]
+        unsafe fn fold(acc: &[Self], sums: &mut [f32]) {
+            for (&Avx2Lanes(lo, hi), sum) in acc.iter().zip(sums) {
+                *sum = unsafe { fold8(_mm256_add_ps(lo, hi)) };
+            }
+        }
+    }
+
+    /// 8 lanes folded in halves to one.
     #[inline(always)]
-    pub(super) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-        let full = a.len() / LANES * LANES;
-        debug_assert!(b.len() >= a.len());
-        // SAFETY: as above, in halves of 8 floats.
+    unsafe fn fold8(lanes8: __m256) -> f32 {
+        // SAFETY: register arithmetic only; AVX is implied by either kernel's features.
         unsafe {
-            let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            for c in (0..full).step_by(LANES) {
-                let (pa, pb) = (a.as_ptr().add(c), b.as_ptr().add(c));
-                lo = _mm256_fmadd_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb), lo);
-                hi = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8)), hi);
-            }
-            finish(_mm256_add_ps(lo, hi), &a[full..], &b[full..a.len()])
-        }
-    }
-
-    /// The fold of [`super::dot`] from 8 lanes on, then the tail.
-    #[inline(always)]
-    unsafe fn finish(lanes8: __m256, a_tail: &[f32], b_tail: &[f32]) -> f32 {
-        // SAFETY: register arithmetic only; AVX is implied by either caller's features.
-        let sum = unsafe {
             let l4 = _mm_add_ps(
                 _mm256_castps256_ps128(lanes8),
                 _mm256_extractf128_ps::<1>(lanes8),
             );
             let l2 = _mm_add_ps(l4, _mm_movehl_ps(l4, l4));
             _mm_cvtss_f32(_mm_add_ss(l2, _mm_shuffle_ps::<1>(l2, l2)))
-        };
-        a_tail.iter().zip(b_tail).fold(sum, |s, (&a, &b)| s + a * b)
+        }
     }
 }
 
+/// Scores, softmax and the sums over the values of one task. Tiles: `SQ` query heads × `SK`
+/// keys of scores, `VQ` query heads × `VD` 16-float strips of the sums over the values.
+///
+/// # Safety
+/// The CPU has `L`'s features.
 #[inline(always)]
-fn job_body<const FMA: bool>(
+unsafe fn job_body<L: Lanes, const SQ: usize, const SK: usize, const VQ: usize, const VD: usize>(
     job: &Job,
-    scores: &mut [f32],
+    scratch: &mut Scratch,
     out: &mut [f32],
-    dot: impl Fn(&[f32], &[f32]) -> f32,
 ) {
-    let hd = job.hd;
-    let visible = job.k.len() / hd;
-    // Each key row is read once for all the heads that share it.
-    for (j, k) in job.k.chunks_exact(hd).enumerate() {
-        for (r, q) in job.q.chunks_exact(hd).enumerate() {
-            scores[r * visible + j] = dot(q, k) * job.scale;
-        }
-    }
-    let (acc, stats) = out.split_at_mut(job.q.len());
-    let heads = scores
-        .chunks_exact_mut(visible)
-        .zip(acc.chunks_exact_mut(hd));
-    for ((p, acc), stat) in heads.zip(stats.chunks_exact_mut(2)) {
+    let Scratch { scores, queries } = scratch;
+    queries.clear();
+    queries.extend(job.queries());
+    let span = job.span();
+    scores.resize(queries.len() * span, 0.0);
+    // SAFETY: the caller's features.
+    unsafe { score_all::<L, SQ, SK>(job, queries, scores) };
+    for (i, query) in queries.iter().enumerate() {
+        let p = &mut scores[i * span..][..query.seen];
         let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
         for s in p.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+            *s = exp(*s - max);
         }
-        match hd {
-            128 => weigh_values::<FMA, 128>(p, job.v, acc),
-            64 => weigh_values::<FMA, 64>(p, job.v, acc),
-            _ => weigh_values::<FMA, 0>(p, job.v, acc),
+        out[job.stats_at(i)] = max;
+    }
+    // Each Σ exp is a chain of adds in key order: a few run side by side.
+    let mut i = 0;
+    for rows in scores.chunks_exact(SUMS * span).take(queries.len() / SUMS) {
+        let mut p = [&[][..]; SUMS];
+        for (a, p) in p.iter_mut().enumerate() {
+            *p = &rows[a * span..][..queries[i + a].seen];
         }
-        stat.copy_from_slice(&[max, sum]);
+        for (a, sum) in sums_in_order(p).into_iter().enumerate() {
+            out[job.stats_at(i + a) + 1] = sum;
+        }
+        i += SUMS;
+    }
+    for (i, query) in queries.iter().enumerate().skip(i) {
+        let [sum] = sums_in_order([&scores[i * span..][..query.seen]]);
+        out[job.stats_at(i) + 1] = sum;
+    }
+    // SAFETY: as above.
+    unsafe { weigh_all::<L, VQ, VD>(job, queries, scores, out) };
+}
+
+/// `x.exp()`, out of line: the compiler would otherwise vectorize the loop around it into
+/// shuffles feeding 16 scalar calls, slower than one call per element.
+#[inline(never)]
+fn exp(x: f32) -> f32 {
+    x.exp()
+}
+
+/// Rows of exponentials summed side by side.
+const SUMS: usize = 4;
+
+/// Each row's sum, left to right from 0.
+#[inline(always)]
+fn sums_in_order<const N: usize>(rows: [&[f32]; N]) -> [f32; N] {
+    let mut sums = [0f32; N];
+    let common = rows.iter().map(|r| r.len()).min().unwrap_or(0);
+    for j in 0..common {
+        for (sum, row) in sums.iter_mut().zip(&rows) {
+            *sum += row[j];
+        }
+    }
+    for (sum, row) in sums.iter_mut().zip(&rows) {
+        *sum = row[common..].iter().fold(*sum, |s, &x| s + x);
+    }
+    sums
+}
+
+/// `scores[i · span + j] = q_i · k_j · scale` for every key `j` that query `i` sees (and a few
+/// past the diagonal, never read).
+///
+/// # Safety
+/// The CPU has `L`'s features.
+#[inline(always)]
+unsafe fn score_all<L: Lanes, const QT: usize, const KT: usize>(
+    job: &Job,
+    queries: &[Query],
+    scores: &mut [f32],
+) {
+    let (n, span) = (queries.len(), job.span());
+    let mut j = 0;
+    while j < span {
+        let keys = if span - j >= KT { KT } else { 1 };
+        let mut i = 0;
+        while i < n {
+            let tile = if n - i >= QT { QT } else { 1 };
+            // Tiles wholly past the diagonal are skipped.
+            if j < queries[i + tile - 1].seen {
+                let queries = &queries[i..i + tile];
+                let scores = &mut scores[i * span + j..];
+                // SAFETY: the caller's features.
+                unsafe {
+                    match (tile == QT, keys == KT) {
+                        (true, true) => score_tile::<L, QT, KT>(job, queries, j, scores),
+                        (true, false) => score_tile::<L, QT, 1>(job, queries, j, scores),
+                        (false, true) => score_tile::<L, 1, KT>(job, queries, j, scores),
+                        (false, false) => score_tile::<L, 1, 1>(job, queries, j, scores),
+                    }
+                }
+            }
+            i += tile;
+        }
+        j += keys;
     }
 }
 
-/// `y = Σ_j p[j] · V[j]` over value rows `v: [.., y.len()]`. A known width (`HD > 0`) keeps
-/// the sums in registers across the keys.
+/// Scores of `QT` queries against keys `j .. j + KT`, into `scores[a · span + b]`.
+///
+/// # Safety
+/// The CPU has `L`'s features.
 #[inline(always)]
-fn weigh_values<const FMA: bool, const HD: usize>(p: &[f32], v: &[f32], y: &mut [f32]) {
-    let fma = |a: f32, p: f32, v: f32| if FMA { p.mul_add(v, a) } else { a + p * v };
-    if HD == 0 {
-        return weigh_into(p, v, y, fma);
+unsafe fn score_tile<L: Lanes, const QT: usize, const KT: usize>(
+    job: &Job,
+    queries: &[Query],
+    j: usize,
+    scores: &mut [f32],
+) {
+    let (hd, span) = (job.hd, job.span());
+    let full = hd / LANES * LANES;
+    let mut q: [&[f32]; QT] = [&[]; QT];
+    for (q, query) in q.iter_mut().zip(queries) {
+        *q = &job.q[query.q..][..hd];
     }
-    let mut acc = [0f32; HD];
-    weigh_into(p, v, &mut acc, fma);
-    y.copy_from_slice(&acc);
-}
-
-#[inline(always)]
-fn weigh_into(p: &[f32], v: &[f32], acc: &mut [f32], fma: impl Fn(f32, f32, f32) -> f32) {
-    acc.fill(0.0);
-    for (&p, v) in p.iter().zip(v.chunks_exact(acc.len())) {
-        for (a, &v) in acc.iter_mut().zip(v) {
-            *a = fma(*a, p, v);
+    let k = &job.k[j * hd..(j + KT) * hd];
+    let mut sums = [[0f32; KT]; QT];
+    // SAFETY: the caller's features; every load reads 16 floats below `full` ≤ hd of a query
+    // or a key row of hd floats.
+    unsafe {
+        let mut acc = [[L::zero(); KT]; QT];
+        let (mut queries, mut keys) = ([L::zero(); QT], [L::zero(); KT]);
+        for c in (0..full).step_by(LANES) {
+            for (lanes, q) in queries.iter_mut().zip(&q) {
+                *lanes = L::load(q.as_ptr().add(c));
+            }
+            for (b, lanes) in keys.iter_mut().enumerate() {
+                *lanes = L::load(k.as_ptr().add(b * hd + c));
+            }
+            for (acc, &q) in acc.iter_mut().zip(&queries) {
+                for (acc, &k) in acc.iter_mut().zip(&keys) {
+                    *acc = L::mul_add(q, k, *acc);
+                }
+            }
+        }
+        L::fold(acc.as_flattened(), sums.as_flattened_mut());
+    }
+    for (a, sums) in sums.iter_mut().enumerate() {
+        for (b, sum) in sums.iter_mut().enumerate().filter(|_| full < hd) {
+            let tail = q[a][full..].iter().zip(&k[b * hd + full..][..hd - full]);
+            *sum = tail.fold(*sum, |s, (&x, &y)| s + x * y);
+        }
+        for (score, &sum) in scores[a * span..][..KT].iter_mut().zip(sums.iter()) {
+            *score = sum * job.scale;
         }
     }
 }
 
-/// `Σ a·b` over 16 lanes, the lanes folded in halves, then the tail in order (the portable
-/// build; the SIMD builds sum the same lanes with FMA, `x86_dot`).
+/// Each query's `Σ_j p[j] · V[j]` over the keys it sees, in key order, into its place in `out`.
+///
+/// # Safety
+/// The CPU has `L`'s features.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (a_chunks, a_tail) = a.as_chunks::<LANES>();
-    let (b_chunks, b_tail) = b.as_chunks::<LANES>();
-    for (ac, bc) in a_chunks.iter().zip(b_chunks) {
-        for l in 0..LANES {
-            acc[l] += ac[l] * bc[l];
+unsafe fn weigh_all<L: Lanes, const QT: usize, const DT: usize>(
+    job: &Job,
+    queries: &[Query],
+    p: &[f32],
+    out: &mut [f32],
+) {
+    let (hd, n, span) = (job.hd, queries.len(), job.span());
+    let full = hd / LANES * LANES;
+    // The bounds the tiles rely on.
+    assert!(
+        job.v.len() == span * hd
+            && p.len() >= n * span
+            && out.len() >= job.rows() * job.out_stride()
+            && queries.iter().all(|q| q.seen <= span)
+    );
+    // Keys every query sees, as tiles, a block of keys at a time so that its values stay in
+    // L1 for every tile; then those of the later rows only, one query at a time.
+    let common = queries.first().map_or(0, |q| q.seen);
+    for start in (0..common.max(1)).step_by(VALUE_KEYS) {
+        let keys = start..common.min(start + VALUE_KEYS);
+        let mut i = 0;
+        while i < n {
+            let tile = if n - i >= QT { QT } else { 1 };
+            let (queries, p) = (&queries[i..i + tile], &p[i * span..]);
+            let mut d = 0;
+            while d < full {
+                let strips = if full - d >= DT * LANES { DT } else { 1 };
+                let keys = keys.clone();
+                // SAFETY: the caller's features; keys, queries and strips within the bounds
+                // above.
+                unsafe {
+                    match (tile == QT, strips == DT) {
+                        (true, true) => weigh_tile::<L, QT, DT>(job, queries, p, d, keys, out),
+                        (true, false) => weigh_tile::<L, QT, 1>(job, queries, p, d, keys, out),
+                        (false, true) => weigh_tile::<L, 1, DT>(job, queries, p, d, keys, out),
+                        (false, false) => weigh_tile::<L, 1, 1>(job, queries, p, d, keys, out),
+                    }
+                }
+                d += strips * LANES;
+            }
+            i += tile;
         }
     }
-    let mut width = LANES / 2;
-    while width > 0 {
-        for l in 0..width {
-            acc[l] += acc[l + width];
+    for (i, query) in queries.iter().enumerate().filter(|(_, q)| q.seen > common) {
+        let (query, p) = (std::slice::from_ref(query), &p[i * span..]);
+        for d in (0..full).step_by(LANES) {
+            // SAFETY: as above.
+            unsafe { weigh_tile::<L, 1, 1>(job, query, p, d, common..query[0].seen, out) };
         }
-        width /= 2;
     }
-    a_tail
-        .iter()
-        .zip(b_tail)
-        .fold(acc[0], |s, (&a, &b)| s + a * b)
+    // Elements past the last 16.
+    for (i, query) in queries.iter().enumerate().filter(|_| full < hd) {
+        let acc = &mut out[query.acc..][..hd];
+        acc[full..].fill(0.0);
+        let p = &p[i * span..][..query.seen];
+        for (&p, v) in p.iter().zip(job.v.chunks_exact(hd)) {
+            for (a, &v) in acc[full..].iter_mut().zip(&v[full..]) {
+                *a = L::mul_add_scalar(p, v, *a);
+            }
+        }
+    }
+}
+
+/// Keys of a block of the sums over the values: their value rows, 16 KiB at 128 floats.
+const VALUE_KEYS: usize = 32;
+
+/// Elements `d .. d + 16 · DT` of `QT` queries' sums over the values, for the keys in `keys`:
+/// from 0 when they start at key 0, else from what `out` holds; `p[a · span + j]`: query
+/// `a`'s weight of key `j`.
+///
+/// # Safety
+/// The CPU has `L`'s features; keys within the span and elements within each query's sum.
+#[inline(always)]
+unsafe fn weigh_tile<L: Lanes, const QT: usize, const DT: usize>(
+    job: &Job,
+    queries: &[Query],
+    p: &[f32],
+    d: usize,
+    keys: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let (hd, span) = (job.hd, job.span());
+    let out = out.as_mut_ptr();
+    // SAFETY: the caller's features and bounds.
+    unsafe {
+        let mut at = [out; QT];
+        let mut acc = [[L::zero(); DT]; QT];
+        for (a, acc) in acc.iter_mut().enumerate() {
+            at[a] = out.add(queries[a].acc + d);
+            for (s, acc) in acc.iter_mut().enumerate().filter(|_| keys.start > 0) {
+                *acc = L::load(at[a].add(s * LANES));
+            }
+        }
+        let p = p.as_ptr();
+        let mut v = [L::zero(); DT];
+        for j in keys {
+            let row = job.v.as_ptr().add(j * hd + d);
+            for (s, v) in v.iter_mut().enumerate() {
+                *v = L::load(row.add(s * LANES));
+            }
+            for (a, acc) in acc.iter_mut().enumerate() {
+                let p = L::splat(*p.add(a * span + j));
+                for (acc, &v) in acc.iter_mut().zip(&v) {
+                    *acc = L::mul_add(p, v, *acc);
+                }
+            }
+        }
+        for (a, acc) in acc.iter().enumerate() {
+            for (s, acc) in acc.iter().enumerate() {
+                acc.store(at[a].add(s * LANES));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -511,6 +1009,59 @@ mod tests {
         let mut y2 = vec![0f32; 4 * 128];
         attend(shape, &[other, alone], &mut y2);
         assert_eq!(y1, y2[3 * 128..]);
+    }
+
+    /// Rows prefilled together, in blocks, give each row the bits it gets as the only row
+    /// of a step (decoding one token at a time over the same cache), on every kernel.
+    #[test]
+    fn a_prefilled_row_matches_the_row_attended_alone() {
+        let mut rng = StdRng::seed_from_u64(7);
+        // Query heads per KV head of 1, 3 and 4; widths with and without a tail past 16.
+        for (heads, kv_heads, head_dim) in [(4, 4, 32), (6, 2, 20), (8, 2, 64)] {
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
+            };
+            // 19 new rows after 250 cached: blocks that cross the first KEY_CHUNK.
+            let (t, keys, capacity) = (19, 269, 272);
+            let q = random(&mut rng, t * shape.q_width());
+            let k = random(&mut rng, capacity * shape.kv_width());
+            let v = random(&mut rng, capacity * shape.kv_width());
+            let prefill = SeqAttention {
+                q: &q,
+                k: &k,
+                v: &v,
+                keys,
+                capacity,
+            };
+            for &kernel in Kernel::available() {
+                let mut together = vec![f32::NAN; q.len()];
+                attend_with(kernel, shape, &[prefill], &mut together);
+                assert!(
+                    together.iter().all(|y| y.is_finite()),
+                    "{kernel:?}: unwritten"
+                );
+                for (i, (q, together)) in q
+                    .chunks_exact(shape.q_width())
+                    .zip(together.chunks_exact(shape.q_width()))
+                    .enumerate()
+                {
+                    let alone = SeqAttention {
+                        q,
+                        keys: keys - t + i + 1,
+                        ..prefill
+                    };
+                    let mut y = vec![f32::NAN; q.len()];
+                    attend_with(kernel, shape, &[alone], &mut y);
+                    let same = y
+                        .iter()
+                        .zip(together)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{kernel:?} {shape:?}: row {i}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,107 @@
+//! `cargo bench --bench attention`: CPU attention (`ops::cpu::attend`) at BitNet 2B-4T's heads
+//! (20 query heads, 5 KV heads of 128), for a prefill of 128 and of 512 tokens in one
+//! sequence and for decode (one row per sequence). Each line prints the median time per call
+//! and GFLOP/s (2 multiply-adds per query head, key and dimension: q·k and p·v). Threads:
+//! rayon's default unless RAYON_NUM_THREADS says otherwise. Arguments narrow the run to the
+//! cases whose name contains one of them (`-- prefill`).
+
+use candle_bitnet::ops::cpu::{attend_with, AttentionShape, Kernel, SeqAttention};
+use std::time::Instant;
+
+const SHAPE: AttentionShape = AttentionShape {
+    heads: 20,
+    kv_heads: 5,
+    head_dim: 128,
+};
+/// Each measurement runs at least this long (and at least `MIN_RUNS` times) after a warm-up.
+const MIN_SECONDS: f64 = 0.5;
+const MIN_RUNS: usize = 3;
+
+/// (name, sequences, new rows per sequence, positions cached before them)
+const CASES: [(&str, usize, usize, usize); 5] = [
+    ("prefill 128", 1, 128, 0),
+    ("prefill 512", 1, 512, 0),
+    ("decode 1 seq at 140", 1, 1, 139),
+    ("decode 16 seqs at 512", 16, 1, 511),
+    ("decode 1 seq at 1024", 1, 1, 1023),
+];
+
+/// Median seconds of `f` over repeated runs.
+fn median_secs(mut f: impl FnMut()) -> f64 {
+    f();
+    let (start, mut times) = (Instant::now(), Vec::new());
+    while times.len() < MIN_RUNS || start.elapsed().as_secs_f64() < MIN_SECONDS {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// A cheap deterministic stream of floats in (-amp, amp) (timings do not depend on values).
+fn floats(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+        })
+        .collect()
+}
+
+fn main() {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    println!(
+        "threads: {} (rayon), kernels: {:?}; {SHAPE:?}",
+        rayon::current_num_threads(),
+        Kernel::available()
+    );
+    for (name, n_seqs, rows, before) in CASES {
+        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let keys = before + rows;
+        let data: Vec<_> = (0..n_seqs as u64)
+            .map(|s| {
+                let kv = keys * SHAPE.kv_width();
+                (
+                    floats(rows * SHAPE.q_width(), 3 * s + 1, 1.0),
+                    floats(kv, 3 * s + 2, 1.0),
+                    floats(kv, 3 * s + 3, 1.0),
+                )
+            })
+            .collect();
+        let seqs: Vec<SeqAttention> = data
+            .iter()
+            .map(|(q, k, v)| SeqAttention {
+                q,
+                k,
+                v,
+                keys,
+                capacity: keys,
+            })
+            .collect();
+        let visible: usize = (0..rows).map(|i| before + i + 1).sum::<usize>() * n_seqs;
+        let flops = 4.0 * (visible * SHAPE.heads * SHAPE.head_dim) as f64;
+        let mut y = vec![0f32; n_seqs * rows * SHAPE.q_width()];
+        for &kernel in Kernel::available() {
+            // The portable fallback is not what prefill runs on x86; its long case only takes time.
+            if kernel == Kernel::Portable && visible > 128 * 129 / 2 {
+                continue;
+            }
+            let secs = median_secs(|| attend_with(kernel, SHAPE, &seqs, &mut y));
+            println!(
+                "  {name:<24} {:<12} {:>9.3} ms {:>7.1} GFLOP/s",
+                format!("{kernel:?}"),
+                secs * 1e3,
+                flops / secs / 1e9
+            );
+        }
+    }
+}
