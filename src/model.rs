@@ -244,6 +244,8 @@ struct SeqRows {
 /// What every layer of one batched forward shares.
 struct Step {
     seqs: Vec<SeqRows>,
+    /// The caches are the CPU's host buffers (every sequence's: checked once per step).
+    host: bool,
     /// A decode step on device caches: layers that can run the fused ops of
     /// [`crate::ops`] do (about ten launches a layer on CUDA; `docs/cuda-decode.md`).
     fused: bool,
@@ -304,11 +306,8 @@ impl Attention {
     ) -> Result<Tensor> {
         // (1, rows, heads·hd), projected once for the whole batch.
         let [q, k, v] = outputs(self.qkv.forward_normed(x, input_norm)?)?;
-        let host = caches
-            .first()
-            .is_some_and(|c| matches!(c.layers[layer], LayerKv::Host { .. }));
         let y = timed(Stage::Attention, || {
-            if host {
+            if step.host {
                 self.attend_host(&q, &k, &v, step, caches, layer)
             } else {
                 self.attend_device(&q, &k, &v, &step.seqs, caches, layer)
@@ -862,6 +861,7 @@ impl BitnetModel {
             !host && rows.len() <= crate::ops::GEMV_MAX_ROWS && rows.iter().all(|s| s.len == 1);
         let step = Step {
             seqs: rows,
+            host,
             fused,
             cos,
             sin,
