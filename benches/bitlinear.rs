@@ -14,8 +14,8 @@
 //! time. Arguments narrow the run: row counts (`-- 1 8`) and/or `head`.
 
 use candle_bitnet::ops::cpu::{
-    bitlinear_amx, bitlinear_with, matmul_bf16, matmul_int8, AmxSupport, Int8Head, Kernel,
-    QuantizedRows, TernaryTiles,
+    bitlinear_amx, bitlinear_with, matmul_bf16, matmul_compact, matmul_int8, AmxSupport,
+    CompactBf16Head, Int8Head, Kernel, QuantizedRows, TernaryTiles,
 };
 use candle_bitnet::ops::{bitlinear_tiles, matmul_bf16_weight, matmul_int8_head};
 use candle_core::{DType, Device, Result, Tensor};
@@ -293,6 +293,22 @@ fn bench_head(dev: &Device, stream: &StreamRead) -> Result<()> {
         })?;
         kernel_line(&format!("{kernel:?}"), secs, None, bf16_bytes, stream);
         one_row.push(secs);
+    }
+    if CompactBf16Head::is_supported(HIDDEN) {
+        let compact: Vec<CompactBf16Head> = (0..copies(bf16_bytes * 3 / 4))
+            .map(|_| CompactBf16Head::from_bf16(&w_raw[0], HIDDEN))
+            .collect::<Result<_>>()?;
+        let bytes = compact[0].bytes();
+        let secs = median_secs(|i| matmul_compact(&x_vec, &compact[i % compact.len()], &mut y))?;
+        kernel_line("compact bf16 (exact)", secs, None, bytes, stream);
+        let plain = one_row.last().copied().unwrap_or(secs);
+        println!(
+            "  {:<22} {:>10.2}x the plain head's speed, {:.1}% of its bytes, {} raw chunks",
+            "",
+            plain / secs,
+            100.0 * bytes as f64 / bf16_bytes as f64,
+            compact[0].escaped_chunks()
+        );
     }
     // Batched decode: the weights are read once for all rows, so time should grow far slower
     // than the rows (the last column: time ÷ the same kernel's one-row time).

@@ -177,6 +177,8 @@ pub struct Throughput {
     pub weight_bytes: usize,
     /// Bytes of weights one decode step reads: projections, head, norms, one embedding row.
     pub bytes_per_decoded_token: usize,
+    /// The head's part of it (the compact bf16 head's, where the CPU runs it).
+    pub head_bytes_per_decoded_token: usize,
 }
 
 impl Throughput {
@@ -262,7 +264,7 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
     // Every projection also keeps its f32 scale.
     let ternary_bits_per_weight =
         8.0 * (packed_bytes + 4 * model.bitlinears().len()) as f64 / ternary_weights as f64;
-    let float_bytes = FloatBytes::new(&cfg, ternary_weights, dtype, device);
+    let float_bytes = FloatBytes::new(&model, &cfg, ternary_weights);
     let int8_model = if opts.int8_head {
         bar.set_message("quantizing the head to int8");
         Some(model.clone().with_int8_head()?)
@@ -347,20 +349,21 @@ struct FloatBytes {
 }
 
 impl FloatBytes {
-    fn new(cfg: &crate::Config, ternary_weights: usize, dtype: DType, device: &Device) -> Self {
+    fn new(model: &BitnetModel, cfg: &crate::Config, ternary_weights: usize) -> Self {
         let floats = synthetic::parameter_count(cfg) - ternary_weights;
         let embedding = cfg.vocab_size * cfg.hidden_size;
-        // With a tied head the embedding matrix is read once per token as the head.
         let norms = floats - embedding - (!cfg.tie_word_embeddings as usize) * embedding;
-        let embeddings = floats - norms;
         let (size, embed_size) = (
-            dtype.size_in_bytes(),
-            synthetic::embedding_dtype(dtype, device).size_in_bytes(),
+            model.dtype().size_in_bytes(),
+            model.embedding_dtype().size_in_bytes(),
         );
+        // A tied head is the embedding matrix (or holds it, compact), read once per token.
+        let head = model.head_bytes();
+        let untied_embedding = (!cfg.tie_word_embeddings as usize) * embedding * embed_size;
         Self {
-            held: embeddings * embed_size + norms * size,
-            read_per_token: (embedding + cfg.hidden_size) * embed_size + norms * size,
-            head: embedding * embed_size,
+            held: untied_embedding + head + norms * size,
+            read_per_token: head + cfg.hidden_size * embed_size + norms * size,
+            head,
         }
     }
 }
@@ -446,6 +449,7 @@ fn measure(
         decode_profile,
         weight_bytes: linear_bytes + float_bytes.held,
         bytes_per_decoded_token: linear_bytes + float_bytes.read_per_token,
+        head_bytes_per_decoded_token: float_bytes.head,
     };
     Ok((throughput, int8_profile))
 }
@@ -597,6 +601,7 @@ impl BenchReport {
             "weight_bytes": self.ternary.weight_bytes,
             "dense_weight_bytes": dense.map(|d| d.weight_bytes),
             "bytes_per_decoded_token": self.ternary.bytes_per_decoded_token,
+            "head_bytes_per_decoded_token": self.ternary.head_bytes_per_decoded_token,
             "dense_bytes_per_decoded_token": dense.map(|d| d.bytes_per_decoded_token),
             "measured_bandwidth_bytes_per_s": bw,
             "bandwidth_fraction": self.bandwidth_fraction(),

@@ -101,7 +101,9 @@ pub struct LoadOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HeadDtype {
     /// bf16 when the checkpoint stores bf16 and the CPU computes in f32 (exact: bf16 holds
-    /// those values, and the head streams half the bytes); otherwise the compute dtype.
+    /// those values, and the head streams half the bytes; on CPUs with AVX-512 it is stored
+    /// losslessly in 12 bits a weight, [`crate::ops::cpu::CompactBf16Head`]); otherwise the
+    /// compute dtype.
     #[default]
     Auto,
     /// The compute dtype.
@@ -109,8 +111,8 @@ pub enum HeadDtype {
     /// Opt-in, CPU only: the LM head quantized per row to int8 ([`crate::ops::Int8Head`]),
     /// half the bytes of the bf16 head per decoded token, at a small cost in logits (measured
     /// on the fixture in the README). The embedding lookup stays exact, held as with `Auto`, so
-    /// a tied head keeps that matrix too: at 2B-4T 657 MB of bf16 embedding plus 329 MB of
-    /// int8 head. An untied head's float matrix is not kept.
+    /// a tied head keeps that matrix too: at 2B-4T 657 MB of bf16 embedding (492 MB compact)
+    /// plus 329 MB of int8 head. An untied head's float matrix is not kept.
     Int8,
 }
 

@@ -651,15 +651,55 @@ pub struct SeqInput<'a> {
 enum LmHead {
     /// `[vocab, hidden]`: the embedding matrix when tied.
     Float(Tensor),
+    /// A bf16 head stored in 12 bits a weight (CPU with AVX-512, f32 activations): the same
+    /// logits, bit for bit, from 3/4 of the bytes.
+    Compact(Arc<cpu::CompactBf16Head>),
     /// Per-row int8 ([`crate::HeadDtype::Int8`]), CPU only.
     Int8(Arc<crate::ops::Int8Head>),
 }
+
+/// The token embedding table.
+#[derive(Debug, Clone)]
+enum Embed {
+    Table(Embedding),
+    /// The tied head's compact storage, read a row at a time: no second copy of the matrix.
+    Compact(Arc<cpu::CompactBf16Head>),
+}
+
+impl Embed {
+    /// `(1, ids, hidden)` in the table's dtype.
+    fn forward(&self, ids: Vec<u32>, dev: &Device) -> Result<Tensor> {
+        let n = ids.len();
+        match self {
+            Embed::Table(table) => table.forward(&Tensor::from_vec(ids, (1, n), dev)?),
+            Embed::Compact(head) => {
+                let h = head.hidden();
+                let mut rows = vec![half::bf16::ZERO; n * h];
+                for (row, &id) in rows.chunks_exact_mut(h).zip(&ids) {
+                    head.row(id as usize, row);
+                }
+                Tensor::from_vec(rows, (1, n, h), dev)
+            }
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            Embed::Table(table) => table.embeddings().dtype(),
+            Embed::Compact(_) => DType::BF16,
+        }
+    }
+}
+
+/// Set to `0` to keep a CPU's bf16 head as it is in the checkpoint instead of the compact
+/// storage ([`cpu::CompactBf16Head`]): same logits, more bytes per token (for comparisons).
+pub const COMPACT_HEAD_ENV: &str = "CANDLE_BITNET_COMPACT_HEAD";
 
 /// The weights of a BitNet b1.58 causal LM: immutable, `Send + Sync`, shared (`Arc`) by every
 /// sequence; each sequence's state is its own [`KvCache`].
 #[derive(Debug, Clone)]
 pub struct BitnetModel {
-    embed_tokens: Embedding,
+    embed_tokens: Embed,
     layers: Vec<DecoderLayer>,
     rotary: Arc<RotaryEmbedding>,
     norm: RmsNorm,
@@ -696,13 +736,32 @@ impl BitnetModel {
         } else {
             vb.get_with_hints_dtype((v, h), "lm_head.weight", Init::Const(0.), head_dtype)?
         };
-        back_with_huge_pages(&lm_head);
+        let compact = vb.device().is_cpu()
+            && vb.dtype() == DType::F32
+            && lm_head.dtype() == DType::BF16
+            && cpu::CompactBf16Head::is_supported(h)
+            && std::env::var_os(COMPACT_HEAD_ENV).is_none_or(|v| v != "0");
+        let (embed_tokens, lm_head) = if compact {
+            let head = Arc::new(cpu::CompactBf16Head::from_tensor(&lm_head.contiguous()?)?);
+            let embed = if cfg.tie_word_embeddings {
+                Embed::Compact(head.clone())
+            } else {
+                Embed::Table(Embedding::new(embed, h))
+            };
+            (embed, LmHead::Compact(head))
+        } else {
+            back_with_huge_pages(&lm_head);
+            (
+                Embed::Table(Embedding::new(embed, h)),
+                LmHead::Float(lm_head),
+            )
+        };
         Ok(Self {
-            embed_tokens: Embedding::new(embed, cfg.hidden_size),
+            embed_tokens,
             layers,
             rotary,
             norm,
-            lm_head: LmHead::Float(lm_head),
+            lm_head,
             vocab_size: cfg.vocab_size,
             max_position_embeddings: cfg.max_position_embeddings,
             dtype: vb.dtype(),
@@ -721,14 +780,14 @@ impl BitnetModel {
 
     /// The dtype the embedding matrix (and a float head) is held in.
     pub fn embedding_dtype(&self) -> DType {
-        self.embed_tokens.embeddings().dtype()
+        self.embed_tokens.dtype()
     }
 
     /// The head quantized per row to int8, when the model uses one ([`Self::with_int8_head`]).
     pub fn int8_head(&self) -> Option<&Arc<crate::ops::Int8Head>> {
         match &self.lm_head {
             LmHead::Int8(head) => Some(head),
-            LmHead::Float(_) => None,
+            LmHead::Float(_) | LmHead::Compact(_) => None,
         }
     }
 
@@ -739,9 +798,45 @@ impl BitnetModel {
         crate::HeadDtype::Int8
             .check_device(&self.device.location())
             .map_err(candle_core::Error::wrap)?;
-        if let LmHead::Float(w) = &self.lm_head {
-            self.lm_head = LmHead::Int8(Arc::new(crate::ops::Int8Head::from_tensor(w)?));
+        let int8 = match &self.lm_head {
+            LmHead::Float(w) => crate::ops::Int8Head::from_tensor(w)?,
+            LmHead::Compact(head) => {
+                crate::ops::Int8Head::from_bf16(&head.to_bf16(), head.hidden())?
+            }
+            LmHead::Int8(_) => return Ok(self),
+        };
+        self.lm_head = LmHead::Int8(Arc::new(int8));
+        Ok(self)
+    }
+
+    /// Bytes of head weights one decoded token reads.
+    pub fn head_bytes(&self) -> usize {
+        match &self.lm_head {
+            LmHead::Float(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            LmHead::Compact(head) => head.bytes(),
+            LmHead::Int8(head) => head.bytes(),
         }
+    }
+
+    /// Whether the head is the compact bf16 one ([`cpu::CompactBf16Head`]).
+    pub fn has_compact_head(&self) -> bool {
+        matches!(self.lm_head, LmHead::Compact(_))
+    }
+
+    /// The same model with a compact head stored back as a plain bf16 matrix (and a tied
+    /// embedding with it): the same logits, from 4/3 of the bytes — the baseline to compare
+    /// the compact head with.
+    pub fn with_plain_head(mut self) -> Result<Self> {
+        let LmHead::Compact(head) = &self.lm_head else {
+            return Ok(self);
+        };
+        let (vocab, hidden) = (head.vocab(), head.hidden());
+        let w = Tensor::from_vec(head.to_bf16(), (vocab, hidden), &self.device)?;
+        back_with_huge_pages(&w);
+        if let Embed::Compact(_) = self.embed_tokens {
+            self.embed_tokens = Embed::Table(Embedding::new(w.clone(), hidden));
+        }
+        self.lm_head = LmHead::Float(w);
         Ok(self)
     }
 
@@ -867,9 +962,8 @@ impl BitnetModel {
             sin,
         };
         let rows = &step.seqs;
-        let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
         let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
-        let mut x = self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)?;
+        let mut x = (self.embed_tokens.forward(ids, &self.device)?).to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &step, &mut caches, i)?;
         }
@@ -948,6 +1042,7 @@ impl BitnetModel {
     fn project_to_vocab(&self, x: &Tensor) -> Result<Tensor> {
         let w = match &self.lm_head {
             LmHead::Int8(head) => return crate::ops::matmul_int8_head(x, head),
+            LmHead::Compact(head) => return crate::ops::matmul_compact_head(x, head),
             LmHead::Float(w) => w,
         };
         if w.dtype() == DType::BF16 && x.dtype() == DType::F32 && self.device.is_cpu() {

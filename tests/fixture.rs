@@ -315,3 +315,45 @@ fn int8_head_logits_stay_close_to_the_reference() -> Result<()> {
     );
     Ok(())
 }
+
+/// The compact bf16 head (12 bits a weight, the default on CPUs with AVX-512) gives the plain
+/// bf16 head's logits bit for bit, for a whole prompt and for cached decode steps, and its
+/// embedding lookup the same rows.
+#[test]
+fn compact_head_gives_the_plain_heads_logits_bit_for_bit() -> Result<()> {
+    let expected = Expected::load()?;
+    let (_, model) = load_model_dir(&fixture_dir(), DType::F32, &Device::Cpu)?;
+    let compact = model.model().clone();
+    if !compact.has_compact_head() {
+        assert!(
+            !candle_bitnet::ops::cpu::CompactBf16Head::is_supported(128),
+            "a CPU that runs the compact head loaded the fixture without it"
+        );
+        eprintln!("SKIPPED: the compact head needs AVX-512, which this CPU lacks");
+        return Ok(());
+    }
+    let plain = (*compact).clone().with_plain_head()?;
+    assert!(!plain.has_compact_head());
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect())
+    };
+    for p in PROMPTS {
+        let prompt = expected.ids(p, "prompt_ids");
+        let greedy = expected.ids(p, "greedy_ids");
+        let (mut cache_c, mut cache_p) = (compact.new_kv_cache(), plain.new_kv_cache());
+        let got = compact.forward(&prompt, &mut cache_c, Logits::All)?;
+        let want = plain.forward(&prompt, &mut cache_p, Logits::All)?;
+        assert!(bits(&want)?.iter().any(|&b| f32::from_bits(b) != 0.0));
+        assert!(bits(&got)? == bits(&want)?, "{p}: prompt logits");
+        for &id in &greedy {
+            let got = compact.forward(&[id], &mut cache_c, Logits::Last)?;
+            let want = plain.forward(&[id], &mut cache_p, Logits::Last)?;
+            assert!(bits(&got)? == bits(&want)?, "{p}: decode logits");
+        }
+    }
+    Ok(())
+}

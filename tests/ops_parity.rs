@@ -1,13 +1,14 @@
 //! CPU kernels against the pure-Rust reference in `quant.rs`: BitLinear must agree bit for bit
 //! (every kernel variant this CPU runs, AMX tiles where the CPU has them, the shared table of
 //! shapes in `common/kernels.rs`, every input dtype); the bf16-weight head within
-//! float-reordering tolerance of candle's matmul.
+//! float-reordering tolerance of candle's matmul, its compact storage bit for bit.
 
 mod common;
 
 use candle_bitnet::ops::cpu::{
     bitlinear_amx, bitlinear_segments_amx, bitlinear_segments_with, bitlinear_with, matmul_bf16,
-    matmul_int8, AmxSupport, Int8Head, Kernel, QuantizedRows, TernaryTiles,
+    matmul_compact, matmul_int8, AmxSupport, CompactBf16Head, Int8Head, Kernel, QuantizedRows,
+    TernaryTiles,
 };
 use candle_bitnet::ops::{
     bitlinear, bitlinear_segments, matmul_bf16_weight, matmul_int8_head, rms_norm_bitlinear,
@@ -19,6 +20,7 @@ use common::kernels::{
     DTYPES,
 };
 use common::{random_activations, random_packed};
+use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// The CPU as a [`Backend`]: every SIMD kernel this machine runs (f32, through
@@ -480,6 +482,49 @@ fn int8_head_simd_kernels_match_the_fma_order_bit_for_bit() -> Result<()> {
                     "{kernel:?} {n}×{hidden}→{vocab} differs from the FMA order"
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+/// The compact bf16 head ([`CompactBf16Head`], 12 bits a weight) gives the plain AVX-512
+/// bf16 head's bits: rows of uniform weights (few escapes), of weights spanning 2⁶⁰ (most
+/// chunks stored raw), zero rows, rows mixing both kinds; token counts that fill a register
+/// block and leave some over; vocabularies that leave a row over and span several L2 slices.
+#[test]
+fn compact_head_gives_the_bf16_heads_bits() -> Result<()> {
+    if !CompactBf16Head::is_supported(64) {
+        eprintln!("SKIPPED: the compact head's kernel needs AVX-512, which this CPU lacks");
+        return Ok(());
+    }
+    let mut rng = StdRng::seed_from_u64(22);
+    for &(vocab, hidden) in &[(1usize, 64usize), (7, 128), (301, 320), (2000, 64)] {
+        let w: Vec<bf16> = (0..vocab * hidden)
+            .map(|i| {
+                let (v, c) = (i / hidden, i % hidden);
+                let uniform = rng.random_range(-0.05f32..0.05);
+                let wide = rng.random_range(-1f32..1.0) * 2f32.powi(rng.random_range(-30..30));
+                bf16::from_f32(match v % 4 {
+                    0 => uniform,
+                    1 => wide,
+                    2 => 0.0,
+                    _ if (c / 64).is_multiple_of(3) => wide,
+                    _ => uniform,
+                })
+            })
+            .collect();
+        let head = CompactBf16Head::from_bf16(&w, hidden)?;
+        assert!(head.escaped_chunks() > 0 || vocab < 2, "{head:?}");
+        for n in [1, 2, 3, 4, 5, 9] {
+            let x: Vec<f32> = (0..n * hidden)
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
+            let mut want = vec![f32::NAN; n * vocab];
+            matmul_bf16(Kernel::Avx512Vnni, &x, &w, hidden, &mut want)?;
+            assert!(want.iter().any(|&y| y != 0.0 && y.is_finite()));
+            let mut got = vec![f32::NAN; n * vocab];
+            matmul_compact(&x, &head, &mut got)?;
+            assert!(bits(&got) == bits(&want), "{n}×{hidden}→{vocab}, {head:?}");
         }
     }
     Ok(())

@@ -232,6 +232,13 @@ pub fn matmul_int8_head(x: &Tensor, head: &Arc<Int8Head>) -> Result<Tensor> {
         .apply_op1_no_bwd(&cpu::MatmulInt8Head(head.clone()))
 }
 
+/// The LM head through a [`cpu::CompactBf16Head`] (the bf16 head's bits, 3/4 of its bytes):
+/// `x: [.., hidden]` f32 to `[.., vocab]` f32 logits. CPU with AVX-512 only.
+pub fn matmul_compact_head(x: &Tensor, head: &Arc<cpu::CompactBf16Head>) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op1_no_bwd(&cpu::MatmulCompactHead(head.clone()))
+}
+
 /// The LM head `x: [.., hidden]` (f32) times `w: [vocab, hidden]` (bf16) transposed:
 /// `[.., vocab]` f32, streaming the bf16 matrix. CPU only ([`cpu::MatmulBf16Weight`]); on CUDA
 /// use `x.to_dtype(DType::BF16)?.matmul(&w.t()?)`.

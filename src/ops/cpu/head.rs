@@ -249,6 +249,14 @@ pub fn matmul_int8(kernel: Kernel, x: &[f32], head: &Int8Head, y: &mut [f32]) ->
     Ok(())
 }
 
+/// Vocabulary rows per task of a head with `vocab` rows.
+pub(super) fn task_rows(vocab: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    vocab
+        .div_ceil(threads * TASKS_PER_THREAD)
+        .max(MIN_TASK_ROWS)
+}
+
 /// Splits the vocabulary over rayon and runs `kernel`'s build of [`Task::run`] on each block;
 /// shapes are checked by the callers.
 fn run_tasks<W: HeadWeight>(
@@ -260,10 +268,7 @@ fn run_tasks<W: HeadWeight>(
     y: &mut [f32],
 ) {
     let vocab = w.len() / hidden;
-    let threads = rayon::current_num_threads();
-    let block = vocab
-        .div_ceil(threads * TASKS_PER_THREAD)
-        .max(MIN_TASK_ROWS);
+    let block = task_rows(vocab);
     let out = OutPtr(y.as_mut_ptr());
     w.par_chunks(block * hidden).enumerate().for_each(|(b, w)| {
         let v0 = b * block;
@@ -366,7 +371,7 @@ pub(super) struct Task<'a, W> {
 
 /// Vocabulary rows revisited by every token group while they sit in L2 (64 rows of 2560 bf16
 /// are 320 KiB).
-const L2_ROWS: usize = 64;
+pub(super) const L2_ROWS: usize = 64;
 
 /// How far ahead of its loads the AVX-512 int8 head prefetches each row (measured: 1 KiB lifts
 /// one token from 63% to 87% of a STREAM read on the 2-core dev VM).
@@ -374,7 +379,7 @@ const L2_ROWS: usize = 64;
 const PREFETCH_BYTES: usize = 1024;
 
 /// f32 lanes per accumulator: several independent FMA chains hide the add latency.
-const LANES: usize = 32;
+pub(super) const LANES: usize = 32;
 
 impl<W: HeadWeight> Task<'_, W> {
     /// Groups of `T` tokens (they stay in L1) against every row of an L2-sized slice of the
@@ -475,7 +480,7 @@ fn dot_rows<const T: usize, const FMA: bool, W: HeadWeight>(w: &[W], xs: &[f32])
 /// A dot product from its 32 lane sums and the products past the last full chunk, added in the
 /// one order every head kernel shares.
 #[inline(always)]
-fn finish_dot<W: HeadWeight>(lanes: &[f32; LANES], w_tail: &[W], x_tail: &[f32]) -> f32 {
+pub(super) fn finish_dot<W: HeadWeight>(lanes: &[f32; LANES], w_tail: &[W], x_tail: &[f32]) -> f32 {
     let tail = w_tail.iter().zip(x_tail).map(|(&w, &x)| w.widen() * x);
     lanes.iter().copied().chain(tail).sum()
 }
@@ -625,7 +630,7 @@ impl<W: HeadWeight> Task<'_, W> {
 /// Token rows with every `group` elements of their full 32-wide chunks stored as [even
 /// elements, odd elements], the order a shift and a mask widen bf16 pairs in; tails as they are.
 #[cfg(target_arch = "x86_64")]
-fn deinterleave(x: &[f32], h: usize, group: usize) -> Vec<f32> {
+pub(super) fn deinterleave(x: &[f32], h: usize, group: usize) -> Vec<f32> {
     let full = h / LANES * LANES;
     let mut xd = x.to_vec();
     for (xd, x) in xd.chunks_exact_mut(h).zip(x.chunks_exact(h)) {

@@ -24,6 +24,7 @@ mod activation;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 mod attention;
+mod compact_head;
 mod head;
 mod tiles;
 #[cfg(target_arch = "x86_64")]
@@ -31,6 +32,7 @@ mod x86;
 
 pub use activation::Relu2Product;
 pub use attention::{attend, attend_with, rope_in_place, AttentionShape, SeqAttention};
+pub use compact_head::{matmul_compact, CompactBf16Head, MatmulCompactHead};
 pub use head::{matmul_bf16, matmul_int8, Int8Head, MatmulBf16Weight, MatmulInt8Head};
 use tiles::BLOCK_BYTES;
 pub use tiles::{TernaryTiles, TILE_ROWS};
@@ -630,7 +632,13 @@ impl Grid {
             (threads * TASKS_PER_THREAD).div_ceil(token_blocks)
         };
         let for_cache = w.bytes().div_ceil(TASK_WEIGHT_BYTES);
-        let tile_block = tiles.div_ceil(tasks.max(for_cache).clamp(1, tiles));
+        let mut tile_block = tiles.div_ceil(tasks.max(for_cache).clamp(1, tiles));
+        if let Ok(v) = std::env::var("XP_TPT") {
+            if n_rows == 1 && tasks > 1 {
+                let tpt: usize = v.parse().unwrap();
+                tile_block = tiles.div_ceil(threads * tpt).next_multiple_of(4).min(tiles);
+            }
+        }
         Self {
             n_rows,
             tiles,
