@@ -259,7 +259,7 @@ impl DecoderLayer {
         let qkv = &mut s.qkv[..qw + 2 * kw];
         project(
             &a.qkv,
-            &self.input_layernorm,
+            (&self.input_layernorm, Stage::Projections),
             &s.hidden,
             (&mut s.normed, &mut s.acts),
             qkv,
@@ -285,7 +285,7 @@ impl DecoderLayer {
         let proj = &mut s.proj[..hidden];
         project(
             &a.o_proj,
-            attn_sub_norm,
+            (attn_sub_norm, Stage::Norms),
             attn,
             (&mut s.normed, &mut s.acts),
             proj,
@@ -294,7 +294,7 @@ impl DecoderLayer {
         let gate_up = &mut s.gate_up[..2 * inter];
         project(
             &m.gate_up,
-            &self.post_attention_layernorm,
+            (&self.post_attention_layernorm, Stage::Projections),
             &s.hidden,
             (&mut s.normed, &mut s.acts),
             gate_up,
@@ -307,7 +307,7 @@ impl DecoderLayer {
         }
         project(
             &m.down_proj,
-            ffn_sub_norm,
+            (ffn_sub_norm, Stage::Norms),
             gate,
             (&mut s.normed, &mut s.acts),
             proj,
@@ -319,9 +319,11 @@ impl DecoderLayer {
 
 /// `group(norm(x))` into `y`: the RMSNorm and int8 quantization of
 /// [`QuantizedRows::from_rms_norm`] (through `normed` and `acts`), then the group's kernel.
+/// The norm is timed as `norm_stage`: the general path times the norm it fuses with the
+/// quantization as a projection, the others as norms.
 fn project(
     group: &BitLinearGroup,
-    norm: &RmsNorm,
+    (norm, norm_stage): (&RmsNorm, Stage),
     x: &[f32],
     (normed, acts): (&mut [f32], &mut QuantizedRows),
     y: &mut [f32],
@@ -329,9 +331,9 @@ fn project(
     let Some((tiles, w_divs)) = group.cpu_tiles() else {
         bail!("decode step: a projection without CPU tiles")
     };
+    let normed = &mut normed[..x.len()];
+    timed(norm_stage, || rms_norm(norm, x, normed))?;
     timed(Stage::Projections, || {
-        let normed = &mut normed[..x.len()];
-        rms_norm(norm, x, normed)?;
         acts.requantize(normed, 1, x.len());
         cpu::bitlinear_segments(acts, tiles, w_divs, y)
     })
