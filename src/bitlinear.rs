@@ -170,6 +170,8 @@ pub struct BitLinearGroup {
     tiles: Option<Arc<TernaryTiles>>,
     /// The parts' packed codes stacked, `[Σ out/4, in]`; each part's weight is a view of it.
     stacked: Option<Tensor>,
+    /// Each part's `w_div`, in order.
+    w_divs: Vec<f32>,
 }
 
 impl BitLinearGroup {
@@ -202,11 +204,28 @@ impl BitLinearGroup {
         } else {
             None
         };
+        let w_divs = parts.iter().map(|p| p.w_div).collect();
         Ok(Self {
             parts,
             tiles,
             stacked,
+            w_divs,
         })
+    }
+
+    /// On the CPU, the tiles one kernel call runs the whole group on (the joint tiles, or a
+    /// lone part's own) and each part's `w_div`; `None` with per-part input norms or dense
+    /// weights, which run part by part.
+    pub(crate) fn cpu_tiles(&self) -> Option<(&TernaryTiles, &[f32])> {
+        if (self.parts.iter()).any(|p| p.input_norm.is_some() || p.dense.is_some()) {
+            return None;
+        }
+        let tiles = match (&self.tiles, self.parts.as_slice()) {
+            (Some(tiles), _) => &**tiles,
+            (None, [part]) => part.tiles.as_deref()?,
+            (None, _) => return None,
+        };
+        Some((tiles, &self.w_divs))
     }
 
     /// Whether [`Self::forward_quantized`] can run: stacked codes, at most as many matrices
@@ -249,7 +268,7 @@ impl BitLinearGroup {
             return self.parts.iter().map(|p| p.forward(x)).collect();
         };
         let y = crate::profile::timed(crate::profile::Stage::Projections, || {
-            crate::ops::bitlinear_segments(x, tiles, &self.w_divs())
+            crate::ops::bitlinear_segments(x, tiles, &self.w_divs)
         })?;
         self.split(&y)
     }
@@ -265,7 +284,7 @@ impl BitLinearGroup {
                         norm.weight(),
                         norm.eps(),
                         tiles,
-                        &self.w_divs(),
+                        &self.w_divs,
                     )
                 })?;
                 self.split(&y)
@@ -275,10 +294,6 @@ impl BitLinearGroup {
                 self.forward(&x)
             }
         }
-    }
-
-    fn w_divs(&self) -> Vec<f32> {
-        self.parts.iter().map(|p| p.w_div).collect()
     }
 
     /// The joint output `[.., Σ out]` cut into the parts' outputs.
@@ -304,6 +319,7 @@ impl BitLinearGroup {
             .map(|p| p.to_dense(dtype))
             .collect::<Result<_>>()?;
         Ok(Self {
+            w_divs: self.w_divs.clone(),
             parts,
             tiles: None,
             stacked: None,

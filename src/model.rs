@@ -15,6 +15,8 @@ use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Activation, Embedding, Init, VarBuilder};
 use std::sync::{Arc, OnceLock};
 
+mod decode;
+
 /// KV-cache capacity is allocated in steps of this many positions.
 const KV_CACHE_CHUNK: usize = 256;
 
@@ -82,13 +84,20 @@ impl RotaryEmbedding {
         let n = positions.len() * self.inv_freq.len();
         let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for &p in positions {
-            for &f in &self.inv_freq {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+            for (c, s) in self.angles_at(p) {
+                cos.push(c);
+                sin.push(s);
             }
         }
         (cos, sin)
+    }
+
+    /// Each pair's (cosine, sine) at `position`.
+    fn angles_at(&self, position: usize) -> impl Iterator<Item = (f32, f32)> + '_ {
+        self.inv_freq.iter().map(move |&f| {
+            let angle = position as f32 * f;
+            (angle.cos(), angle.sin())
+        })
     }
 
     /// Half-split ("rotate_half") rotary embedding of `x: (1, heads, seq, head_dim)` at
@@ -108,6 +117,8 @@ impl RotaryEmbedding {
 pub struct KvCache {
     layers: Vec<LayerKv>,
     len: usize,
+    /// The buffers of [`BitnetModel::decode_step`], kept between steps.
+    scratch: decode::ScratchSlot,
 }
 
 /// One layer's keys and values.
@@ -874,6 +885,7 @@ impl BitnetModel {
         KvCache {
             layers: vec![layer; self.layers.len()],
             len: 0,
+            scratch: Default::default(),
         }
     }
 
@@ -918,12 +930,37 @@ impl BitnetModel {
     /// One step over several sequences: every projection and the head run once over all their
     /// rows together, attention runs per sequence on its own cache. Returns each sequence's
     /// logits as asked for by [`SeqInput::logits`]. On the CPU a sequence's logits are the
-    /// same, bit for bit, whatever else is in the batch.
+    /// same, bit for bit, whatever else is in the batch. One sequence's next token, its last
+    /// logits asked for, runs [`Self::decode_step`] where it can.
     pub fn forward_batch(&self, seqs: &mut [SeqInput]) -> Result<Vec<Option<Tensor>>> {
+        if let [s] = seqs {
+            if let ([id], Logits::Last) = (s.ids, s.logits) {
+                if self.decodes_in_place(s.cache) {
+                    let logits = self.decode_in_place(*id, s.cache)?;
+                    return Ok(vec![Some(Tensor::from_slice(
+                        logits,
+                        logits.len(),
+                        &Device::Cpu,
+                    )?)]);
+                }
+            }
+        }
+        self.forward_general(seqs)
+    }
+
+    /// [`Self::forward_batch`] without the decode step, for the tests that compare the two.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn forward_batch_general(&self, seqs: &mut [SeqInput]) -> Result<Vec<Option<Tensor>>> {
+        self.forward_general(seqs)
+    }
+
+    /// [`Self::forward_batch`] through tensor ops, for any batch on any device.
+    fn forward_general(&self, seqs: &mut [SeqInput]) -> Result<Vec<Option<Tensor>>> {
         if self.device.is_cpu() && rayon::current_thread_index().is_none() {
             // From a pool thread, the step's parallel ops keep the workers awake between them;
             // called from outside, every op would put the caller to sleep and wake it again.
-            return rayon::scope(|_| self.forward_batch(seqs));
+            return rayon::scope(|_| self.forward_general(seqs));
         }
         let mut rows = Vec::with_capacity(seqs.len());
         let mut ids = Vec::new();

@@ -15,7 +15,7 @@
 //! Dot products use 16 f32 lanes summed in one fixed order, with FMA on AVX2 and AVX-512
 //! (the two give the same bits) and a separate multiply and add in the portable build.
 
-use super::Kernel;
+use super::{Kernel, OutPtr};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -82,6 +82,44 @@ pub fn attend(shape: AttentionShape, seqs: &[SeqAttention], y: &mut [f32]) {
 
 /// [`attend`] with a chosen kernel (the tests compare them).
 pub fn attend_with(kernel: Kernel, shape: AttentionShape, seqs: &[SeqAttention], y: &mut [f32]) {
+    run_attention(kernel, shape, seqs, y, &mut AttentionWork::default(), false)
+}
+
+/// [`attend`] in buffers the caller keeps between calls: once they have grown to the calls'
+/// size, attending allocates nothing (a decode step, token after token). The same bits.
+pub fn attend_in(
+    work: &mut AttentionWork,
+    shape: AttentionShape,
+    seqs: &[SeqAttention],
+    y: &mut [f32],
+) {
+    run_attention(Kernel::best(), shape, seqs, y, work, true)
+}
+
+/// The buffers of one attention call ([`attend_in`]).
+#[derive(Default)]
+pub struct AttentionWork {
+    /// Per output task, where its parts start (see `run_attention`).
+    parts_of: Vec<usize>,
+    slot_of_part: Vec<usize>,
+    blocks: Vec<Block>,
+    /// Per slot, the heads' unnormalized sums and (max, Σ exp).
+    partial: Vec<f32>,
+    /// Each block's own scores and query table, so that which thread runs it does not matter
+    /// (a thread's own scratch grows on the first task it happens to get).
+    scratches: Vec<Scratch>,
+}
+
+/// [`attend_with`], its buffers in `work`; each task's scratch is the work's own when
+/// `own_scratch`, else the running thread's.
+fn run_attention(
+    kernel: Kernel,
+    shape: AttentionShape,
+    seqs: &[SeqAttention],
+    y: &mut [f32],
+    work: &mut AttentionWork,
+    own_scratch: bool,
+) {
     let (qw, hd, group, kv_heads) = (
         shape.q_width(),
         shape.head_dim,
@@ -91,9 +129,16 @@ pub fn attend_with(kernel: Kernel, shape: AttentionShape, seqs: &[SeqAttention],
     let width = group * hd;
     let rows: usize = seqs.iter().map(|seq| seq.q.len() / qw).sum();
     assert_eq!(y.len(), rows * qw, "attention output size");
+    let AttentionWork {
+        parts_of,
+        slot_of_part,
+        blocks,
+        partial,
+        scratches,
+    } = work;
     // Output task i is row i / kv_heads and KV head i % kv_heads, its heads adjacent in y. Its
     // parts (KEY_CHUNK keys each, in order) are parts_of[i] .. parts_of[i + 1].
-    let mut parts_of = Vec::with_capacity(rows * kv_heads + 1);
+    parts_of.clear();
     parts_of.push(0);
     for seq in seqs {
         let t = seq.q.len() / qw;
@@ -111,8 +156,9 @@ pub fn attend_with(kernel: Kernel, shape: AttentionShape, seqs: &[SeqAttention],
         }
     }
     // Blocks of rows × a KV head × a chunk of keys; a block's parts take adjacent slots.
-    let mut slot_of_part = vec![0; parts_of[parts_of.len() - 1]];
-    let mut blocks = Vec::new();
+    slot_of_part.clear();
+    slot_of_part.resize(parts_of[parts_of.len() - 1], 0);
+    blocks.clear();
     let (mut slots, mut seq_row) = (0, 0);
     for (s, seq) in seqs.iter().enumerate() {
         let t = seq.q.len() / qw;
@@ -133,6 +179,7 @@ pub fn attend_with(kernel: Kernel, shape: AttentionShape, seqs: &[SeqAttention],
                         rows: from..end,
                         kv_head: g,
                         keys: chunk..visible.min(chunk + KEY_CHUNK),
+                        slot: slots,
                     });
                     slots += end - from;
                 }
@@ -143,16 +190,11 @@ pub fn attend_with(kernel: Kernel, shape: AttentionShape, seqs: &[SeqAttention],
     // Per slot (a row's part): its heads' unnormalized Σ exp(s − max)·V, then each head's
     // (max, Σ exp).
     let stride = width + 2 * group;
-    let mut partial = vec![0f32; slots * stride];
-    let mut outs = Vec::with_capacity(blocks.len());
-    let mut rest = partial.as_mut_slice();
-    for block in &blocks {
-        let (out, more) = rest.split_at_mut(block.rows.len() * stride);
-        outs.push(out);
-        rest = more;
-    }
+    partial.clear();
+    partial.resize(slots * stride, 0.0);
+    let partial_ptr = OutPtr(partial.as_mut_ptr());
     let scale = 1.0 / (hd as f32).sqrt();
-    blocks.par_iter().zip(outs).for_each(|(block, out)| {
+    let task = |block: &Block, scratch: &mut Scratch| {
         let seq = &seqs[block.seq];
         let t = seq.q.len() / qw;
         let head = block.kv_head * seq.capacity * hd;
@@ -169,8 +211,24 @@ pub fn attend_with(kernel: Kernel, shape: AttentionShape, seqs: &[SeqAttention],
             v: &seq.v[span],
             first_keys: first_sees.min(block.keys.end) - block.keys.start,
         };
-        SCRATCH.with_borrow_mut(|scratch| run(kernel, &job, scratch, out))
-    });
+        // SAFETY: a block's slots `slot .. slot + rows` are its own (`slots` above advances
+        // past them), inside `partial`, which outlives the parallel loop.
+        let out = unsafe { partial_ptr.slice(block.slot * stride, block.rows.len() * stride) };
+        run(kernel, &job, scratch, out)
+    };
+    if own_scratch {
+        if scratches.len() < blocks.len() {
+            scratches.resize_with(blocks.len(), Scratch::default);
+        }
+        (blocks.par_iter())
+            .zip(&mut scratches[..blocks.len()])
+            .for_each(|(block, scratch)| task(block, scratch));
+    } else {
+        blocks
+            .par_iter()
+            .for_each(|block| SCRATCH.with_borrow_mut(|scratch| task(block, scratch)));
+    }
+    let (parts_of, slot_of_part, partial) = (&*parts_of, &*slot_of_part, &*partial);
     // Combining is light: only many tasks are worth spreading.
     y.par_chunks_mut(width)
         .with_min_len(64)
@@ -200,6 +258,8 @@ struct Block {
     rows: std::ops::Range<usize>,
     kv_head: usize,
     keys: std::ops::Range<usize>,
+    /// The first of its slots in the partial results, one a row.
+    slot: usize,
 }
 
 /// A row's output from its parts (`[acc of every head, (max, Σ exp) of every head]` each):
@@ -238,6 +298,7 @@ thread_local! {
     };
 }
 
+#[derive(Default)]
 struct Scratch {
     /// `[queries, span]`: the scores, then their exponentials.
     scores: Vec<f32>,
@@ -593,6 +654,12 @@ unsafe fn job_body<L: Lanes, const SQ: usize, const SK: usize, const VQ: usize, 
     queries.clear();
     queries.extend(job.queries());
     let span = job.span();
+    // Room for the longest span at once: a decode step's span grows a key a step, and growing
+    // the scores to fit would reallocate now and then.
+    let most = queries.len() * KEY_CHUNK.max(span);
+    if scores.capacity() < most {
+        scores.reserve_exact(most - scores.len());
+    }
     scores.resize(queries.len() * span, 0.0);
     // SAFETY: the caller's features.
     unsafe { score_all::<L, SQ, SK>(job, queries, scores) };

@@ -159,8 +159,8 @@ impl CompactBf16Head {
         w
     }
 
-    /// Row `v`'s weights, as stored before: for the embedding lookup and the tests.
-    pub fn row(&self, v: usize, out: &mut [bf16]) {
+    /// Row `v`'s weights, as stored before (or widened): for the embedding lookup.
+    pub fn row<T: From<bf16>>(&self, v: usize, out: &mut [T]) {
         let h = self.hidden;
         let chunks = h / CHUNK;
         let index = as_bytes(&self.index);
@@ -168,7 +168,9 @@ impl CompactBf16Head {
             &self.escaped[self.escape_start[v] as usize..self.escape_start[v + 1] as usize];
         for (c, out) in out[..h].chunks_exact_mut(CHUNK).enumerate() {
             if let Some((_, raw)) = escapes.iter().find(|(e, _)| *e as usize == c) {
-                out.copy_from_slice(raw);
+                for (out, &w) in out.iter_mut().zip(raw) {
+                    *out = w.into();
+                }
                 continue;
             }
             let low = &self.low[v * chunks + c].0;
@@ -177,7 +179,7 @@ impl CompactBf16Head {
                 let p = position(w);
                 let i = (index[p % 32] >> (4 * (p / 32))) & 0x0f;
                 let high = self.tables[v][i as usize];
-                *out = bf16::from_bits(u16::from_le_bytes([low[p], high]));
+                *out = bf16::from_bits(u16::from_le_bytes([low[p], high])).into();
             }
         }
     }
@@ -272,6 +274,17 @@ impl CustomOp1 for MatmulCompactHead {
 /// [`super::matmul_bf16`] on the weights `head` was made from. Needs AVX-512
 /// ([`CompactBf16Head::is_supported`]).
 pub fn matmul_compact(x: &[f32], head: &CompactBf16Head, y: &mut [f32]) -> Result<()> {
+    matmul_compact_in(x, head, y, &mut Vec::new())
+}
+
+/// [`matmul_compact`] laying the token rows out for the kernel in `rows`, which a caller keeps
+/// between calls so that a decoded token allocates nothing.
+pub fn matmul_compact_in(
+    x: &[f32],
+    head: &CompactBf16Head,
+    y: &mut [f32],
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] rows: &mut Vec<f32>,
+) -> Result<()> {
     if !Kernel::Avx512Vnni.is_available() {
         bail!("matmul_compact: the compact bf16 head needs AVX-512, which this CPU lacks")
     }
@@ -285,15 +298,17 @@ pub fn matmul_compact(x: &[f32], head: &CompactBf16Head, y: &mut [f32]) -> Resul
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let xd = super::head::deinterleave(x, hidden, super::head::LANES);
-        let rows = super::head::task_rows(vocab);
+        let xd = super::head::deinterleave(x, hidden, super::head::LANES, rows);
+        let task_rows = super::head::task_rows(vocab);
         let out = super::OutPtr(y.as_mut_ptr());
-        (0..vocab.div_ceil(rows)).into_par_iter().for_each(|task| {
-            let v = task * rows..((task + 1) * rows).min(vocab);
-            // SAFETY: AVX-512 is available (checked above); `xd` is `x` laid out for the
-            // kernel; tasks own disjoint rows of `y`, which outlives the loop.
-            unsafe { x86::run_task(head, &xd, v, out) }
-        });
+        (0..vocab.div_ceil(task_rows))
+            .into_par_iter()
+            .for_each(|task| {
+                let v = task * task_rows..((task + 1) * task_rows).min(vocab);
+                // SAFETY: AVX-512 is available (checked above); `xd` is `x` laid out for the
+                // kernel; tasks own disjoint rows of `y`, which outlives the loop.
+                unsafe { x86::run_task(head, xd, v, out) }
+            });
     }
     Ok(())
 }

@@ -76,6 +76,19 @@ pub fn matmul_bf16(
     hidden: usize,
     y: &mut [f32],
 ) -> Result<()> {
+    matmul_bf16_in(kernel, x, w, hidden, y, &mut Vec::new())
+}
+
+/// [`matmul_bf16`] laying the token rows out for the kernel in `rows`, which a caller keeps
+/// between calls so that a decoded token allocates nothing.
+pub fn matmul_bf16_in(
+    kernel: Kernel,
+    x: &[f32],
+    w: &[bf16],
+    hidden: usize,
+    y: &mut [f32],
+    rows: &mut Vec<f32>,
+) -> Result<()> {
     if !kernel.is_available() {
         bail!("matmul_bf16: kernel {kernel:?} is not supported by this CPU")
     }
@@ -90,7 +103,14 @@ pub fn matmul_bf16(
     if y.len() != n * vocab {
         bail!("matmul_bf16: {} outputs for [{n}, {vocab}]", y.len())
     }
-    run_tasks(kernel, x, w, None, hidden, y);
+    let xd = match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Vnni => deinterleave(x, hidden, LANES, rows),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => deinterleave(x, hidden, 16, rows),
+        _ => x,
+    };
+    run_tasks(kernel, x, xd, w, None, hidden, y);
     Ok(())
 }
 
@@ -245,7 +265,8 @@ pub fn matmul_int8(kernel: Kernel, x: &[f32], head: &Int8Head, y: &mut [f32]) ->
             y.len()
         )
     }
-    run_tasks(kernel, x, &head.values, Some(&head.scales), hidden, y);
+    // The int8 kernels read the tokens as they are.
+    run_tasks(kernel, x, x, &head.values, Some(&head.scales), hidden, y);
     Ok(())
 }
 
@@ -257,11 +278,12 @@ pub(super) fn task_rows(vocab: usize) -> usize {
         .max(MIN_TASK_ROWS)
 }
 
-/// Splits the vocabulary over rayon and runs `kernel`'s build of [`Task::run`] on each block;
-/// shapes are checked by the callers.
+/// Splits the vocabulary over rayon and runs `kernel`'s build of [`Task::run`] on each block,
+/// the SIMD kernels on `xd` (`x` laid out as they load it); shapes are checked by the callers.
 fn run_tasks<W: HeadWeight>(
     kernel: Kernel,
     x: &[f32],
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] xd: &[f32],
     w: &[W],
     row_scales: Option<&[f32]>,
     hidden: usize,
@@ -284,9 +306,9 @@ fn run_tasks<W: HeadWeight>(
         match kernel {
             // SAFETY (both arms): `kernel` is available (checked by the callers).
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { W::run_avx512(task) },
+            Kernel::Avx512Vnni => unsafe { W::run_avx512(task, xd) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { W::run_avx2(task) },
+            Kernel::Avx2 => unsafe { W::run_avx2(task, xd) },
             _ => task.run::<1, false>(),
         }
     });
@@ -301,14 +323,14 @@ pub(super) trait HeadWeight: Copy + Send + Sync {
     /// # Safety
     /// The CPU must support AVX-512F and FMA.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn run_avx512(task: Task<Self>);
+    unsafe fn run_avx512(task: Task<Self>, xd: &[f32]);
 
     /// [`Task::run`] with FMA, as fast as AVX2 makes it for this element type.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn run_avx2(task: Task<Self>);
+    unsafe fn run_avx2(task: Task<Self>, xd: &[f32]);
 }
 
 impl HeadWeight for bf16 {
@@ -320,18 +342,16 @@ impl HeadWeight for bf16 {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn run_avx512(task: Task<Self>) {
-        let xd = deinterleave(task.x, task.hidden, LANES);
+    unsafe fn run_avx512(task: Task<Self>, xd: &[f32]) {
         // SAFETY: the caller's guarantees are this function's; `xd` is laid out for `Avx512`.
-        unsafe { run_blocks::<Avx512, _>(&task, &xd) }
+        unsafe { run_blocks::<Avx512, _>(&task, xd) }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(task: Task<Self>) {
-        let xd = deinterleave(task.x, task.hidden, 16);
+    unsafe fn run_avx2(task: Task<Self>, xd: &[f32]) {
         // SAFETY: the caller's guarantees are this function's; `xd` is laid out for `Avx2`.
-        unsafe { run_blocks::<Avx2, _>(&task, &xd) }
+        unsafe { run_blocks::<Avx2, _>(&task, xd) }
     }
 }
 
@@ -343,17 +363,17 @@ impl HeadWeight for i8 {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn run_avx512(task: Task<Self>) {
+    unsafe fn run_avx512(task: Task<Self>, xd: &[f32]) {
         // SAFETY: the caller's guarantees are this function's; int8 blocks read the tokens
-        // as they are.
-        unsafe { run_blocks::<Avx512, _>(&task, task.x) }
+        // as they are, which `xd` is.
+        unsafe { run_blocks::<Avx512, _>(&task, xd) }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(task: Task<Self>) {
+    unsafe fn run_avx2(task: Task<Self>, xd: &[f32]) {
         // SAFETY: as above.
-        unsafe { run_blocks::<Avx2, _>(&task, task.x) }
+        unsafe { run_blocks::<Avx2, _>(&task, xd) }
     }
 }
 
@@ -627,12 +647,19 @@ impl<W: HeadWeight> Task<'_, W> {
     }
 }
 
-/// Token rows with every `group` elements of their full 32-wide chunks stored as [even
-/// elements, odd elements], the order a shift and a mask widen bf16 pairs in; tails as they are.
+/// The token rows `x` laid out in `xd` with every `group` elements of their full 32-wide chunks
+/// stored as [even elements, odd elements], the order a shift and a mask widen bf16 pairs in;
+/// tails as they are.
 #[cfg(target_arch = "x86_64")]
-pub(super) fn deinterleave(x: &[f32], h: usize, group: usize) -> Vec<f32> {
+pub(super) fn deinterleave<'a>(
+    x: &[f32],
+    h: usize,
+    group: usize,
+    xd: &'a mut Vec<f32>,
+) -> &'a [f32] {
     let full = h / LANES * LANES;
-    let mut xd = x.to_vec();
+    xd.clear();
+    xd.extend_from_slice(x);
     for (xd, x) in xd.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
         for (d, c) in xd[..full]
             .chunks_exact_mut(group)

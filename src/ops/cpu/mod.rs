@@ -31,9 +31,13 @@ mod tiles;
 mod x86;
 
 pub use activation::Relu2Product;
-pub use attention::{attend, attend_with, rope_in_place, AttentionShape, SeqAttention};
-pub use compact_head::{matmul_compact, CompactBf16Head, MatmulCompactHead};
-pub use head::{matmul_bf16, matmul_int8, Int8Head, MatmulBf16Weight, MatmulInt8Head};
+pub use attention::{
+    attend, attend_in, attend_with, rope_in_place, AttentionShape, AttentionWork, SeqAttention,
+};
+pub use compact_head::{matmul_compact, matmul_compact_in, CompactBf16Head, MatmulCompactHead};
+pub use head::{
+    matmul_bf16, matmul_bf16_in, matmul_int8, Int8Head, MatmulBf16Weight, MatmulInt8Head,
+};
 use tiles::BLOCK_BYTES;
 pub use tiles::{TernaryTiles, TILE_ROWS};
 
@@ -203,6 +207,7 @@ impl Kernel {
 struct Line([i8; K_ALIGN]);
 
 /// Int8 activations of a batch, quantized once and shared by every weight row.
+#[derive(Default)]
 pub struct QuantizedRows {
     /// `[n_rows, k_padded]`, zero-padded past `in_features`.
     values: Vec<Line>,
@@ -244,6 +249,12 @@ impl QuantizedRows {
         }))
     }
 
+    /// Quantizes `x` like [`Self::new`], into these rows' buffers: once they have held as many
+    /// rows of as many features, nothing is allocated (a decode step, token after token).
+    pub fn requantize(&mut self, x: &[f32], n_rows: usize, in_features: usize) {
+        self.fill(x, n_rows, in_features, quantize_row)
+    }
+
     /// Runs `quantize(row, q)` on each row, in parallel for large batches.
     fn build(
         x: &[f32],
@@ -251,15 +262,38 @@ impl QuantizedRows {
         in_features: usize,
         quantize: impl Fn(&[f32], &mut [i8]) -> (f32, i32) + Sync,
     ) -> Self {
+        let mut rows = Self::default();
+        rows.fill(x, n_rows, in_features, quantize);
+        rows
+    }
+
+    /// [`Self::build`] into `self`'s buffers.
+    fn fill(
+        &mut self,
+        x: &[f32],
+        n_rows: usize,
+        in_features: usize,
+        quantize: impl Fn(&[f32], &mut [i8]) -> (f32, i32) + Sync,
+    ) {
         let k_padded = in_features.next_multiple_of(K_ALIGN);
-        let mut values = vec![Line([0; K_ALIGN]); n_rows * k_padded / K_ALIGN];
+        let Self {
+            values,
+            scales,
+            sums,
+            ..
+        } = self;
+        // Cleared first: the padding must be zeros whatever the last call left there.
+        values.clear();
+        values.resize(n_rows * k_padded / K_ALIGN, Line([0; K_ALIGN]));
         // SAFETY: `Line` is `repr(C)` over `[i8; 64]` with no padding, so the lines are the
         // same memory as `64 · len` bytes, borrowed mutably only through this slice.
         let bytes = unsafe {
             std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<i8>(), values.len() * K_ALIGN)
         };
-        let mut scales = vec![0f32; n_rows];
-        let mut sums = vec![0i32; n_rows];
+        scales.clear();
+        scales.resize(n_rows, 0.0);
+        sums.clear();
+        sums.resize(n_rows, 0);
         let quantize = |((row, q), (s, sum)): (QuantizeIo, (&mut f32, &mut i32))| {
             (*s, *sum) = quantize(row, &mut q[..in_features]);
         };
@@ -268,20 +302,15 @@ impl QuantizedRows {
             rows.collect::<Vec<_>>()
                 .into_par_iter()
                 .zip(bytes.par_chunks_exact_mut(k_padded))
-                .zip(scales.par_iter_mut().zip(&mut sums))
+                .zip(scales.par_iter_mut().zip(sums))
                 .for_each(quantize);
         } else {
             rows.zip(bytes.chunks_exact_mut(k_padded))
-                .zip(scales.iter_mut().zip(&mut sums))
+                .zip(scales.iter_mut().zip(sums))
                 .for_each(quantize);
         }
-        Self {
-            values,
-            in_features,
-            k_padded,
-            scales,
-            sums,
-        }
+        self.in_features = in_features;
+        self.k_padded = k_padded;
     }
 
     pub fn n_rows(&self) -> usize {
