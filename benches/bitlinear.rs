@@ -7,7 +7,8 @@
 //! GB/s with one copy of the weights left in cache (what the kernel computes at, memory aside).
 //! GB/s counts weight bytes only: packed (1/4 byte per weight) for ternary, 4 bytes per weight
 //! for dense f32, 2 for bf16. `ctx/call` counts the voluntary context switches (sleeps and
-//! wake-ups, not preemption) of all threads per call of the op. Threads: rayon's default (all
+//! wake-ups, not preemption) of all threads per call of the op, called from outside rayon's
+//! pool; the kernel lines run from a pool thread, as the model's decode step does. Threads: rayon's default (all
 //! cores) unless RAYON_NUM_THREADS says otherwise.
 //! On CPUs with AMX, an `Amx` line follows the SIMD kernels (AMX forced at every row count;
 //! the op uses it from `AMX_MIN_TOKENS` rows) with its speed-up over the AVX-512 kernel's hot
@@ -57,6 +58,11 @@ fn median_secs(mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
+}
+
+/// Runs `f` on a pool thread, as the model's decode step runs its ops: no wake-up per call.
+fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 /// A cheap deterministic byte stream (the timings do not depend on the values).
@@ -219,8 +225,8 @@ fn bench_bitlinear(dev: &Device, rows: &[usize], stream: &StreamRead) -> Result<
                     let acts = QuantizedRows::new(&x_vec, n, k);
                     bitlinear_with(kernel, &acts, w, 1.0, &mut y)
                 };
-                let cold = median_secs(|i| run(&tiles[i % tiles.len()]))?;
-                let hot = median_secs(|_| run(&tiles0))?;
+                let cold = in_pool(|| median_secs(|i| run(&tiles[i % tiles.len()])))?;
+                let hot = in_pool(|| median_secs(|_| run(&tiles0)))?;
                 kernel_line(&format!("{kernel:?}"), cold, Some(hot), bytes, stream);
                 if kernel == Kernel::Avx512Vnni {
                     avx512_hot = Some(hot);
@@ -231,8 +237,8 @@ fn bench_bitlinear(dev: &Device, rows: &[usize], stream: &StreamRead) -> Result<
                     let acts = QuantizedRows::new(&x_vec, n, k);
                     bitlinear_amx(&acts, w, 1.0, &mut y)
                 };
-                let cold = median_secs(|i| run(&tiles[i % tiles.len()]))?;
-                let hot = median_secs(|_| run(&tiles0))?;
+                let cold = in_pool(|| median_secs(|i| run(&tiles[i % tiles.len()])))?;
+                let hot = in_pool(|| median_secs(|_| run(&tiles0)))?;
                 kernel_line("Amx", cold, Some(hot), bytes, stream);
                 if let Some(vnni) = avx512_hot {
                     println!("  {:<22} {:>10.2}x Avx512Vnni's hot time", "", vnni / hot);
@@ -287,9 +293,11 @@ fn bench_head(dev: &Device, stream: &StreamRead) -> Result<()> {
     let mut y = vec![0f32; VOCAB];
     let mut one_row = Vec::new();
     for &kernel in Kernel::available() {
-        let secs = median_secs(|i| {
-            let w = &w_raw[i % w_raw.len()];
-            matmul_bf16(kernel, &x_vec, w, HIDDEN, &mut y)
+        let secs = in_pool(|| {
+            median_secs(|i| {
+                let w = &w_raw[i % w_raw.len()];
+                matmul_bf16(kernel, &x_vec, w, HIDDEN, &mut y)
+            })
         })?;
         kernel_line(&format!("{kernel:?}"), secs, None, bf16_bytes, stream);
         one_row.push(secs);
@@ -299,7 +307,9 @@ fn bench_head(dev: &Device, stream: &StreamRead) -> Result<()> {
             .map(|_| CompactBf16Head::from_bf16(&w_raw[0], HIDDEN))
             .collect::<Result<_>>()?;
         let bytes = compact[0].bytes();
-        let secs = median_secs(|i| matmul_compact(&x_vec, &compact[i % compact.len()], &mut y))?;
+        let secs = in_pool(|| {
+            median_secs(|i| matmul_compact(&x_vec, &compact[i % compact.len()], &mut y))
+        })?;
         kernel_line("compact bf16 (exact)", secs, None, bytes, stream);
         let plain = one_row.last().copied().unwrap_or(secs);
         println!(
@@ -342,7 +352,9 @@ fn bench_head(dev: &Device, stream: &StreamRead) -> Result<()> {
     })?;
     line("int8 op (opt-in)", op, int8_bytes, ops, Some(dense));
     for &kernel in Kernel::available() {
-        let secs = median_secs(|i| matmul_int8(kernel, &x_vec, &int8[i % int8.len()], &mut y))?;
+        let secs = in_pool(|| {
+            median_secs(|i| matmul_int8(kernel, &x_vec, &int8[i % int8.len()], &mut y))
+        })?;
         kernel_line(&format!("int8 {kernel:?}"), secs, None, int8_bytes, stream);
     }
     Ok(())
