@@ -553,7 +553,7 @@ fn run_bitlinear(
     if n_rows == 0 {
         return Ok(());
     }
-    let grid = Grid::new(n_rows, w, rayon::current_num_threads());
+    let grid = Grid::new(n_rows, w, rayon::current_num_threads(), kernel);
     let out_ptr = OutPtr(y.as_mut_ptr());
     let task = |task: usize| {
         let (tokens, tiles) = grid.task(task);
@@ -650,7 +650,7 @@ struct Grid {
 }
 
 impl Grid {
-    fn new(n_rows: usize, w: &TernaryTiles, threads: usize) -> Self {
+    fn new(n_rows: usize, w: &TernaryTiles, threads: usize, kernel: Kernel) -> Self {
         let tiles = w.tiles();
         // Near-equal blocks (65 rows: 33 + 32, not 64 + 1), so no task is left with a sliver.
         let token_blocks = n_rows.div_ceil(TASK_TOKENS);
@@ -662,11 +662,11 @@ impl Grid {
         };
         let for_cache = w.bytes().div_ceil(TASK_WEIGHT_BYTES);
         let mut tile_block = tiles.div_ceil(tasks.max(for_cache).clamp(1, tiles));
-        if let Ok(v) = std::env::var("XP_TPT") {
-            if n_rows == 1 && tasks > 1 {
-                let tpt: usize = v.parse().unwrap();
-                tile_block = tiles.div_ceil(threads * tpt).next_multiple_of(4).min(tiles);
-            }
+        if n_rows == 1 && tasks > 1 {
+            // A lone token streams several tiles at once: whole groups of them per task, or
+            // a task ends on a single stream (2B-4T down_proj: blocks of 3 tiles ran as 2 + 1).
+            let in_flight = kernel.tiles_in_flight(1, usize::MAX);
+            tile_block = (tile_block / in_flight * in_flight).max(in_flight).min(tiles);
         }
         Self {
             n_rows,
