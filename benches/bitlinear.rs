@@ -308,7 +308,10 @@ fn bench_head(dev: &Device, stream: &StreamRead) -> Result<()> {
             .collect::<Result<_>>()?;
         let bytes = compact[0].bytes();
         let secs = in_pool(|| {
-            median_secs(|i| matmul_compact(&x_vec, &compact[i % compact.len()], &mut y))
+            median_secs(|i| {
+                let head = &compact[i % compact.len()];
+                matmul_compact(Kernel::best(), &x_vec, head, &mut y)
+            })
         })?;
         kernel_line("compact bf16 (exact)", secs, None, bytes, stream);
         let plain = one_row.last().copied().unwrap_or(secs);

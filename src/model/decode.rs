@@ -205,7 +205,9 @@ impl BitnetModel {
     fn head_into(&self, x: &[f32], rows: &mut Vec<f32>, y: &mut [f32]) -> Result<()> {
         let w = match &self.lm_head {
             LmHead::Int8(head) => return cpu::matmul_int8(Kernel::best(), x, head, y),
-            LmHead::Compact(head) => return cpu::matmul_compact_in(x, head, y, rows),
+            LmHead::Compact(head) => {
+                return cpu::matmul_compact_in(Kernel::best(), x, head, y, rows)
+            }
             LmHead::Float(w) => w,
         };
         {

@@ -233,7 +233,7 @@ pub fn matmul_int8_head(x: &Tensor, head: &Arc<Int8Head>) -> Result<Tensor> {
 }
 
 /// The LM head through a [`cpu::CompactBf16Head`] (the bf16 head's bits, 3/4 of its bytes):
-/// `x: [.., hidden]` f32 to `[.., vocab]` f32 logits. CPU with AVX-512 only.
+/// `x: [.., hidden]` f32 to `[.., vocab]` f32 logits. CPU with AVX2 or AVX-512 only.
 pub fn matmul_compact_head(x: &Tensor, head: &Arc<cpu::CompactBf16Head>) -> Result<Tensor> {
     x.contiguous()?
         .apply_op1_no_bwd(&cpu::MatmulCompactHead(head.clone()))

@@ -67,9 +67,9 @@ fn position(w: usize) -> usize {
 
 impl CompactBf16Head {
     /// Whether a head of `hidden` columns can be stored compactly and multiplied on this CPU
-    /// (the kernel needs AVX-512: elsewhere the plain bf16 head is as fast as the bytes allow).
+    /// (the kernels need AVX2 or AVX-512).
     pub fn is_supported(hidden: usize) -> bool {
-        hidden > 0 && hidden.is_multiple_of(CHUNK) && Kernel::Avx512Vnni.is_available()
+        hidden > 0 && hidden.is_multiple_of(CHUNK) && Kernel::Avx2.is_available()
     }
 
     /// Stores `w: [vocab, hidden]`; `hidden` must be a positive multiple of [`CHUNK`].
@@ -261,7 +261,7 @@ impl CustomOp1 for MatmulCompactHead {
         };
         let x = &x[x0..x1];
         let mut y = vec![0f32; x.len() / hidden * vocab];
-        matmul_compact(x, &self.0, &mut y)?;
+        matmul_compact(Kernel::best(), x, &self.0, &mut y)?;
         let mut out = dims.to_vec();
         if let Some(last) = out.last_mut() {
             *last = vocab;
@@ -270,23 +270,29 @@ impl CustomOp1 for MatmulCompactHead {
     }
 }
 
-/// `y[t, v] = Σ_h x[t, h] · w[v, h]` with `x: [n, hidden]` f32 and `y: [n, vocab]`: the bits of
-/// [`super::matmul_bf16`] on the weights `head` was made from. Needs AVX-512
-/// ([`CompactBf16Head::is_supported`]).
-pub fn matmul_compact(x: &[f32], head: &CompactBf16Head, y: &mut [f32]) -> Result<()> {
-    matmul_compact_in(x, head, y, &mut Vec::new())
+/// `y[t, v] = Σ_h x[t, h] · w[v, h]` with `x: [n, hidden]` f32 and `y: [n, vocab]` on `kernel`
+/// (AVX2 or AVX-512): the bits of [`super::matmul_bf16`] with that kernel on the weights `head`
+/// was made from.
+pub fn matmul_compact(
+    kernel: Kernel,
+    x: &[f32],
+    head: &CompactBf16Head,
+    y: &mut [f32],
+) -> Result<()> {
+    matmul_compact_in(kernel, x, head, y, &mut Vec::new())
 }
 
 /// [`matmul_compact`] laying the token rows out for the kernel in `rows`, which a caller keeps
 /// between calls so that a decoded token allocates nothing.
 pub fn matmul_compact_in(
+    kernel: Kernel,
     x: &[f32],
     head: &CompactBf16Head,
     y: &mut [f32],
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] rows: &mut Vec<f32>,
 ) -> Result<()> {
-    if !Kernel::Avx512Vnni.is_available() {
-        bail!("matmul_compact: the compact bf16 head needs AVX-512, which this CPU lacks")
+    if kernel == Kernel::Portable || !kernel.is_available() {
+        bail!("matmul_compact: the compact bf16 head runs on AVX2 or AVX-512, not {kernel:?} on this CPU")
     }
     let (hidden, vocab) = (head.hidden, head.vocab());
     if !x.len().is_multiple_of(hidden) || y.len() != x.len() / hidden * vocab {
@@ -298,16 +304,24 @@ pub fn matmul_compact_in(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let xd = super::head::deinterleave(x, hidden, super::head::LANES, rows);
+        let avx512 = kernel == Kernel::Avx512Vnni;
+        let group = if avx512 { super::head::LANES } else { 16 };
+        let xd = super::head::deinterleave(x, hidden, group, rows);
         let task_rows = super::head::task_rows(vocab);
         let out = super::OutPtr(y.as_mut_ptr());
         (0..vocab.div_ceil(task_rows))
             .into_par_iter()
             .for_each(|task| {
                 let v = task * task_rows..((task + 1) * task_rows).min(vocab);
-                // SAFETY: AVX-512 is available (checked above); `xd` is `x` laid out for the
-                // kernel; tasks own disjoint rows of `y`, which outlives the loop.
-                unsafe { x86::run_task(head, xd, v, out) }
+                // SAFETY: the kernel's instruction set is available (checked above); `xd` is
+                // `x` laid out for it; tasks own disjoint rows of `y`, which outlives the loop.
+                unsafe {
+                    if avx512 {
+                        x86::run_task(head, xd, v, out)
+                    } else {
+                        x86::run_task_avx2(head, xd, v, out)
+                    }
+                }
             });
     }
     Ok(())
@@ -460,6 +474,144 @@ mod x86 {
                 _mm512_storeu_ps(odd.as_mut_ptr(), acc[i][t][1]);
                 let lanes: [f32; LANES] =
                     std::array::from_fn(|l| if l % 2 == 0 { even[l / 2] } else { odd[l / 2] });
+                let dot = finish_dot::<bf16>(&lanes, &[], &[]);
+                // SAFETY: token t0 + t and row r + i exist; the caller owns these outputs.
+                unsafe { out.write((t0 + t) * vocab + r + i, dot) };
+            }
+        }
+        R
+    }
+
+    /// [`run_task`] on AVX2: one row (two for a lone token) against up to two tokens at a
+    /// time, `xd` deinterleaved per 16 as the bf16 head's AVX2 kernel reads it.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; otherwise as [`run_task`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn run_task_avx2(
+        head: &CompactBf16Head,
+        xd: &[f32],
+        rows: Range<usize>,
+        out: OutPtr,
+    ) {
+        let n = xd.len() / head.hidden;
+        for s0 in rows.clone().step_by(L2_ROWS) {
+            let s1 = (s0 + L2_ROWS).min(rows.end);
+            for t0 in (0..n).step_by(2) {
+                let mut r = s0;
+                while r < s1 {
+                    // SAFETY: rows r.. and tokens t0.. exist; the caller vouches for the rest.
+                    r += unsafe {
+                        match ((s1 - r).min(2), (n - t0).min(2)) {
+                            (2, 1) => block_avx2::<2, 1>(head, xd, r, t0, out),
+                            (_, 1) => block_avx2::<1, 1>(head, xd, r, t0, out),
+                            (_, _) => block_avx2::<1, 2>(head, xd, r, t0, out),
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    /// [`block`] on AVX2: each chunk becomes eight vectors of 8 f32 — the even and odd weights
+    /// of each 16 of its first half, then of its second — the vectors the bf16 head's AVX2
+    /// kernel widens, summed in its order.
+    ///
+    /// # Safety
+    /// As [`run_task_avx2`]; those rows and tokens exist.
+    // Indices name the register tile (row i, token t, quarter q) more plainly than iterators.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn block_avx2<const R: usize, const T: usize>(
+        head: &CompactBf16Head,
+        xd: &[f32],
+        r: usize,
+        t0: usize,
+        out: OutPtr,
+    ) -> usize {
+        let h = head.hidden;
+        let chunks = h / CHUNK;
+        let low = as_bytes(&head.low).as_ptr();
+        let index = as_bytes(&head.index).as_ptr();
+        let xp = xd.as_ptr().add(t0 * h);
+        let (nibble, odd) = (
+            _mm256_set1_epi8(0x0f),
+            _mm256_set1_epi32(0xffff_0000u32 as i32),
+        );
+        let mut tables = [_mm256_setzero_si256(); R];
+        let (mut escape, mut escapes_end) = ([0; R], [0; R]);
+        for i in 0..R {
+            // SAFETY: row r + i exists, so its table and escape range do.
+            let table = _mm_loadu_si128(head.tables[r + i].as_ptr().cast());
+            tables[i] = _mm256_broadcastsi128_si256(table);
+            escape[i] = head.escape_start[r + i] as usize;
+            escapes_end[i] = head.escape_start[r + i + 1] as usize;
+        }
+        let chunk_of = |e: usize, end: usize| (e < end).then(|| head.escaped[e].0 as usize);
+        let mut next: [Option<usize>; R] =
+            std::array::from_fn(|i| chunk_of(escape[i], escapes_end[i]));
+        let mut acc = [[[_mm256_setzero_ps(); 4]; T]; R];
+        for c in 0..chunks {
+            for i in 0..R {
+                let line = (r + i) * chunks + c;
+                // The chunk's four runs of 16 words: first half 0..16, 16..32, then the
+                // second half's.
+                let words = if next[i] == Some(c) {
+                    let raw = head.escaped[escape[i]].1.as_ptr();
+                    escape[i] += 1;
+                    next[i] = chunk_of(escape[i], escapes_end[i]);
+                    // SAFETY: 64 bf16, four runs of 16.
+                    std::array::from_fn::<_, 4, _>(|k| _mm256_loadu_si256(raw.add(16 * k).cast()))
+                } else {
+                    // Only hints: past the end of the planes they load nothing.
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        low.wrapping_add(64 * line + PREFETCH_BYTES).cast(),
+                    );
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        index.wrapping_add(32 * line + PREFETCH_BYTES / 2).cast(),
+                    );
+                    // SAFETY: chunk c of row r + i: 64 aligned low bytes, 32 index bytes.
+                    let lo0 = _mm256_load_si256(low.add(64 * line).cast());
+                    let lo1 = _mm256_load_si256(low.add(64 * line + 32).cast());
+                    let ix = _mm256_load_si256(index.add(32 * line).cast());
+                    let hi0 = _mm256_shuffle_epi8(tables[i], _mm256_and_si256(ix, nibble));
+                    let ix1 = _mm256_and_si256(_mm256_srli_epi16::<4>(ix), nibble);
+                    let hi1 = _mm256_shuffle_epi8(tables[i], ix1);
+                    [
+                        _mm256_unpacklo_epi8(lo0, hi0),
+                        _mm256_unpacklo_epi8(lo1, hi1),
+                        _mm256_unpackhi_epi8(lo0, hi0),
+                        _mm256_unpackhi_epi8(lo1, hi1),
+                    ]
+                };
+                for (run, w) in words.into_iter().enumerate() {
+                    let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w));
+                    let odd = _mm256_castsi256_ps(_mm256_and_si256(w, odd));
+                    // Runs 0, 1 are the first half's quarters 0-1 and 2-3, runs 2, 3 the
+                    // second half's.
+                    let (q, half) = (2 * (run % 2), run / 2);
+                    for t in 0..T {
+                        // SAFETY: 8 f32 at 64c + 32·half + 8q of token t0 + t, inside its row.
+                        let x = xp.add(t * h + CHUNK * c + 32 * half + 8 * q);
+                        let (xe, xo) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
+                        acc[i][t][q] = _mm256_fmadd_ps(even, xe, acc[i][t][q]);
+                        acc[i][t][q + 1] = _mm256_fmadd_ps(odd, xo, acc[i][t][q + 1]);
+                    }
+                }
+            }
+        }
+        let vocab = head.vocab();
+        for i in 0..R {
+            for t in 0..T {
+                let mut quarters = [[0f32; 8]; 4];
+                for q in 0..4 {
+                    _mm256_storeu_ps(quarters[q].as_mut_ptr(), acc[i][t][q]);
+                }
+                let lanes: [f32; LANES] = std::array::from_fn(|l| {
+                    let (half, k) = (l / 16, l % 16);
+                    quarters[2 * half + k % 2][k / 2]
+                });
                 let dot = finish_dot::<bf16>(&lanes, &[], &[]);
                 // SAFETY: token t0 + t and row r + i exist; the caller owns these outputs.
                 unsafe { out.write((t0 + t) * vocab + r + i, dot) };

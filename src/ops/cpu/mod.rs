@@ -666,7 +666,9 @@ impl Grid {
             // A lone token streams several tiles at once: whole groups of them per task, or
             // a task ends on a single stream (2B-4T down_proj: blocks of 3 tiles ran as 2 + 1).
             let in_flight = kernel.tiles_in_flight(1, usize::MAX);
-            tile_block = (tile_block / in_flight * in_flight).max(in_flight).min(tiles);
+            tile_block = (tile_block / in_flight * in_flight)
+                .max(in_flight)
+                .min(tiles);
         }
         Self {
             n_rows,
