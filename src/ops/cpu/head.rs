@@ -885,6 +885,10 @@ impl RegisterBlocks<i8> for Avx2 {
         for c in (0..full).step_by(LANES) {
             let mut wf = [[_mm256_setzero_ps(); 4]; R];
             for i in 0..R {
+                if c % 64 == 0 {
+                    // Only a hint: past the end of `w` it loads nothing, hence no `add`.
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i * h + c + PREFETCH_BYTES).cast());
+                }
                 for q in 0..4 {
                     // SAFETY: 8 int8 at c + 8q of row r + i, inside its full chunks.
                     let v = _mm_loadl_epi64(wp.add(i * h + c + 8 * q) as *const __m128i);
