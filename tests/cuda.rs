@@ -21,8 +21,8 @@ use common::kernels::{
     ROWS, SHAPES,
 };
 use common::{
-    assert_batch_matches_single, assert_logits_close, fixture_dir, random_activations,
-    random_packed, rel_l2, skipped, Expected, PROMPTS,
+    assert_batch_matches_single, assert_logits_close, assert_logits_within, fixture_dir,
+    random_activations, random_packed, rel_l2, skipped, Expected, PROMPTS,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -205,7 +205,7 @@ fn rms_norm_quantize_matches_the_cpu_bit_for_bit() -> Result<()> {
     };
     let mut rng = StdRng::seed_from_u64(16);
     for dtype in DTYPES {
-        for (n, k) in [(1, 1), (3, 257), (1, 2560), (2, 6912)] {
+        for (n, k) in [(1, 1), (3, 257), (1, 2560), (2, 6912), (1, 8200)] {
             let w = random_tensor(&mut rng, &[k], dtype)?;
             for relu2 in [false, true] {
                 let width = if relu2 { 2 * k } else { k };
@@ -422,8 +422,9 @@ fn forced_steps(
     Ok((argmax, Tensor::stack(&all, 0)?))
 }
 
-/// f32 on the GPU: the fixture's f32 tolerances, and greedy ids (uncached argmax and KV-cached
-/// decode) equal to the CPU path's and to transformers'.
+/// f32 on the GPU: the fixture's f32 tolerances (less the share of exact positions, below),
+/// and greedy ids (uncached argmax and KV-cached decode) equal to the CPU path's and to
+/// transformers'.
 #[test]
 fn f32_model_on_cuda_matches_the_cpu_greedy_ids() -> Result<()> {
     let Some(gpu) = gpu("f32_model_on_cuda_matches_the_cpu_greedy_ids") else {
@@ -441,10 +442,15 @@ fn f32_model_on_cuda_matches_the_cpu_greedy_ids() -> Result<()> {
             .forward_all(&ids_tensor(&full, &gpu)?, 0)?
             .squeeze(0)?;
         let logits = logits.to_device(&Device::Cpu)?;
-        assert_logits_close(
+        // The prefill's attention runs through cuBLAS, whose products sum in another order
+        // than PyTorch's CPU kernels (which the CPU path follows), so int8 flips come more
+        // often and may fall early, moving every later position: no share of exact positions
+        // is required, rel-L2, max-abs and the greedy ids hold it.
+        assert_logits_within(
             &format!("{p}.full cuda f32"),
             &logits,
             expected.logits(&format!("{p}.full")),
+            0.0,
         )?;
         let argmax = logits.argmax(1)?.to_vec1::<u32>()?;
         assert_eq!(
@@ -459,7 +465,12 @@ fn f32_model_on_cuda_matches_the_cpu_greedy_ids() -> Result<()> {
             expected
                 .logits(&format!("{p}.full"))
                 .narrow(0, prompt.len() - 1, greedy.len())?;
-        assert_logits_close(&format!("{p} cached steps cuda f32"), &step_logits, &want)?;
+        assert_logits_within(
+            &format!("{p} cached steps cuda f32"),
+            &step_logits,
+            &want,
+            0.0,
+        )?;
         assert_eq!(gpu_ids, cpu_ids, "{p}: KV-cached greedy ids, CUDA vs CPU");
         assert_eq!(gpu_ids, greedy, "{p}: KV-cached greedy ids vs transformers");
     }

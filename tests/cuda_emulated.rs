@@ -480,8 +480,9 @@ fn round_all<T: Float>(x: &[f32]) -> Vec<T> {
 }
 
 /// Norm sizes: one element, below a warp, around the block's 256 lanes, the 2B model's hidden
-/// and MLP sizes (several elements per lane, odd counts per lane).
-const NORM_SIZES: [usize; 7] = [1, 17, 255, 256, 257, 2560, 6912];
+/// and MLP sizes (several elements per lane, odd counts per lane), and one past the rows the
+/// kernel keeps in registers (`RMS_NORM_CACHED`: read three times instead).
+const NORM_SIZES: [usize; 8] = [1, 17, 255, 256, 257, 2560, 6912, 8200];
 
 /// `rms_norm_quantize_*` and `relu2_rms_norm_quantize_*` against
 /// [`reference::rms_norm_quantize`] (and [`reference::relu2_mul`]), codes, scales and sums bit
