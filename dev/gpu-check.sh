@@ -59,6 +59,9 @@ if [ "${BENCH:-1}" = 1 ]; then
   echo "== bitnet bench"
   timeout 240 /tmp/bitnet bench --device 0 --batch 1,4,16,64 --json "$out/bench-cuda.json" 2>&1 |
     grep -v '^\s*$' | tee "$out/bench.log"
+  echo "== bitnet bench, decode launch by launch (CANDLE_BITNET_CUDA_GRAPH=0)"
+  CANDLE_BITNET_CUDA_GRAPH=0 timeout 120 /tmp/bitnet bench --device 0 --no-dense --prompt-lens 128 \
+    --json "$out/bench-cuda-eager.json" 2>&1 | grep -v '^\s*$' | tee "$out/bench-eager.log"
 fi
 if [ "${SANITIZE:-1}" = 1 ]; then
   echo "== memcheck"

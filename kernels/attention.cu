@@ -8,6 +8,10 @@
 // One split: the block writes y = o / l. Several (flash-decoding, long contexts): it writes
 // (m, l, o) and attention_combine merges the splits, one block per query head.
 //
+// len_at, when not null, holds len in device memory instead (a decode step replayed from a CUDA
+// graph): the grid is then sized for the cache's capacity, and splits past len write an
+// empty (m = -inf, l = 0) result that the combine step weighs by zero.
+//
 // Not bit-exact with the CPU (exp, summation order): within 1e-5·max|V| plus one ulp of T of
 // the exact result (tests/cuda_emulated.rs).
 #include "common.cuh"
@@ -28,8 +32,9 @@ __device__ void attention_decode(const T* qkv,    // [(n_h + 2 n_kv) hd]: this t
                                  const T* rope,   // [max_pos, hd]: cos | sin
                                  T* y,            // [n_h, hd] (one split)
                                  float* part,     // [n_h, splits, hd + 2]: m, l, o (several)
-                                 int n_h, int n_kv, int hd, int cap, int len, int split_len,
-                                 float scale) {
+                                 int n_h, int n_kv, int hd, int cap, int len_arg,
+                                 int split_len, float scale, const int* len_at) {
+  const int len = len_at ? *len_at : len_arg;
   __shared__ float qs[ATTN_MAX_GROUP][ATTN_MAX_HEAD_DIM];
   __shared__ float ws_m[ATTN_WARPS][ATTN_MAX_GROUP], ws_l[ATTN_WARPS][ATTN_MAX_GROUP];
   __shared__ float ws_o[ATTN_WARPS][ATTN_MAX_GROUP][ATTN_MAX_HEAD_DIM];
@@ -147,9 +152,10 @@ __device__ void attention_combine(const float* part, T* y, int hd, int splits) {
 #define ATTENTION_OP(NAME, COMBINE, T)                                                   \
   extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                             \
       NAME(const T* qkv, const T* cache, const T* rope, T* y, float* part, int n_h,      \
-           int n_kv, int hd, int cap, int len, int split_len, float scale) {             \
+           int n_kv, int hd, int cap, int len, int split_len, float scale,               \
+           const int* len_at) {                                                          \
     attention_decode<T>(qkv, cache, rope, y, part, n_h, n_kv, hd, cap, len, split_len,   \
-                        scale);                                                          \
+                        scale, len_at);                                                  \
   }                                                                                      \
   extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                             \
       COMBINE(const float* part, T* y, int hd, int splits) {                             \

@@ -5,6 +5,9 @@
 // value head b - n_kv into V[b - n_kv, pos0 + t]. The rotation is candle's `rope`
 // (rotate_half) on the CPU in T's arithmetic, bit for bit: each product and sum rounded to T.
 // The queries are rotated where they are read, by the attention kernel (rope.cuh).
+//
+// pos0_at, when not null, holds pos0 in device memory instead: a decode step captured in a
+// CUDA graph replays with the position written there before each launch.
 #include "common.cuh"
 #include "rope.cuh"
 
@@ -12,7 +15,9 @@ template <typename T>
 __device__ void rope_kv_append(const T* qkv,      // [n_tok, (n_h + 2 n_kv) hd]
                                const T* rope,     // [max_pos, hd]: cos | sin, hd/2 each
                                T* cache,          // [2, n_kv, cap, hd]: K, then V
-                               int n_h, int n_kv, int hd, int cap, int pos0) {
+                               int n_h, int n_kv, int hd, int cap, int pos0_arg,
+                               const int* pos0_at) {
+  const int pos0 = pos0_at ? *pos0_at : pos0_arg;
   const int b = blockIdx.x, t = blockIdx.y, pos = pos0 + t, half = hd / 2;
   const T* src = qkv + static_cast<size_t>(t) * (n_h + 2 * n_kv) * hd + static_cast<size_t>(n_h + b) * hd;
   const int plane = b < n_kv ? 0 : 1, head = b < n_kv ? b : b - n_kv;
@@ -30,8 +35,8 @@ __device__ void rope_kv_append(const T* qkv,      // [n_tok, (n_h + 2 n_kv) hd]
 #define ROPE_KV_OP(NAME, T)                                                              \
   extern "C" __global__ void __launch_bounds__(ROPE_THREADS)                             \
       NAME(const T* qkv, const T* rope, T* cache, int n_h, int n_kv, int hd, int cap,    \
-           int pos0) {                                                                   \
-    rope_kv_append<T>(qkv, rope, cache, n_h, n_kv, hd, cap, pos0);                       \
+           int pos0, const int* pos0_at) {                                               \
+    rope_kv_append<T>(qkv, rope, cache, n_h, n_kv, hd, cap, pos0, pos0_at);              \
   }
 
 ROPE_KV_OP(rope_kv_append_f32, float)

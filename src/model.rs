@@ -16,6 +16,10 @@ use candle_nn::{Activation, Embedding, Init, VarBuilder};
 use std::sync::{Arc, OnceLock};
 
 mod decode;
+#[cfg(feature = "cuda")]
+mod graph;
+#[cfg(feature = "cuda")]
+pub use graph::CUDA_GRAPH_ENV;
 
 /// KV-cache capacity is allocated in steps of this many positions.
 const KV_CACHE_CHUNK: usize = 256;
@@ -119,6 +123,9 @@ pub struct KvCache {
     len: usize,
     /// The buffers of [`BitnetModel::decode_step`], kept between steps.
     scratch: decode::ScratchSlot,
+    /// CUDA: the one-token step captured for this cache's buffers.
+    #[cfg(feature = "cuda")]
+    graph: graph::GraphSlot,
 }
 
 /// One layer's keys and values.
@@ -263,6 +270,9 @@ struct Step {
     /// CPU: each row's RoPE cosines and sines, `[rows, head_dim/2]`.
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// A step captured in a CUDA graph: the device addresses of the position (an i32) and the
+    /// attention length the fused attention ops read, instead of the rows' offsets.
+    positions: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -437,21 +447,22 @@ impl Attention {
     fn attend_decode(
         &self,
         qkv: &Tensor,
-        seqs: &[SeqRows],
+        step: &Step,
         caches: &mut [&mut KvCache],
         layer: usize,
     ) -> Result<Tensor> {
         let table = self.rotary.table()?;
         let scale = 1.0 / (self.head_dim as f32).sqrt();
-        let ys = seqs
-            .iter()
+        let (pos_at, len_at) = step.positions.unzip();
+        let ys = (step.seqs.iter())
             .zip(caches.iter_mut())
             .map(|(s, cache)| {
                 let row = qkv.narrow(0, s.start, 1)?;
                 let shape = (self.num_kv_heads, self.head_dim);
                 let kv = cache.device_layer(layer, s.offset + 1, shape, &row)?;
-                crate::ops::rope_kv_append(&kv, &row, table, self.num_heads, s.offset)?;
-                crate::ops::decode_attention(&row, &kv, table, self.num_heads, s.offset + 1, scale)
+                let n_h = self.num_heads;
+                crate::ops::rope_kv_append_at(&kv, &row, table, n_h, s.offset, pos_at)?;
+                crate::ops::decode_attention_at(&row, &kv, table, n_h, s.offset + 1, scale, len_at)
             })
             .collect::<Result<Vec<_>>>()?;
         match ys.as_slice() {
@@ -613,7 +624,7 @@ impl DecoderLayer {
             a.qkv
                 .forward_quantized(&quantize_normed(&x, &self.input_layernorm)?, None, dtype)?;
         let y = timed(Stage::Attention, || {
-            a.attend_decode(&qkv, &step.seqs, caches, layer)
+            a.attend_decode(&qkv, step, caches, layer)
         })?;
         let acts = quantize_normed(&y, attn_sub_norm)?;
         let x = a.o_proj.forward_quantized(&acts, Some(&x), dtype)?;
@@ -886,6 +897,8 @@ impl BitnetModel {
             layers: vec![layer; self.layers.len()],
             len: 0,
             scratch: Default::default(),
+            #[cfg(feature = "cuda")]
+            graph: Default::default(),
         }
     }
 
@@ -943,6 +956,12 @@ impl BitnetModel {
                         &Device::Cpu,
                     )?)]);
                 }
+                #[cfg(feature = "cuda")]
+                if self.decodes_with_graph(s.cache) {
+                    if let Some(logits) = self.decode_graph(*id, s.cache)? {
+                        return Ok(vec![Some(logits)]);
+                    }
+                }
             }
         }
         self.forward_general(seqs)
@@ -997,6 +1016,7 @@ impl BitnetModel {
             fused,
             cos,
             sin,
+            positions: None,
         };
         let rows = &step.seqs;
         let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();

@@ -21,8 +21,8 @@ use common::kernels::{
     ROWS, SHAPES,
 };
 use common::{
-    assert_batch_matches_single, assert_logits_close, assert_logits_within, fixture_dir,
-    random_activations, random_packed, rel_l2, skipped, Expected, PROMPTS,
+    assert_batch_matches_single, assert_logits_within, fixture_dir, random_activations,
+    random_packed, rel_l2, skipped, Expected, PROMPTS,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -539,20 +539,21 @@ fn a_batch_of_prompts_on_cuda_matches_each_prompt_alone() -> Result<()> {
 }
 
 /// A decoded token runs the fused ops (`docs/cuda-decode.md`): ten launches of ours per layer on
-/// a short context, and the same logits as the fused ops' CPU arithmetic on device caches
-/// (`new_tensor_kv_cache`) up to f32 rounding (attention sums in another order; a flipped int8
-/// rounding moves a logit by ~1% of the largest).
+/// a short context, recorded once into a CUDA graph and replayed after, and the same logits as
+/// the fused ops' CPU arithmetic on device caches (`new_tensor_kv_cache`) up to f32 rounding
+/// (attention sums in another order; a flipped int8 rounding moves a logit by ~1% of the
+/// largest), launch by launch and from the graph.
 #[test]
 // Without the cuda feature `gpu` finds none and the counting below is not compiled.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-fn a_decoded_token_launches_ten_kernels_a_layer() -> Result<()> {
-    let Some(gpu) = gpu("a_decoded_token_launches_ten_kernels_a_layer") else {
+fn a_decoded_token_launches_ten_kernels_a_layer_then_replays_a_graph() -> Result<()> {
+    let Some(gpu) = gpu("a_decoded_token_launches_ten_kernels_a_layer_then_replays_a_graph") else {
         return Ok(());
     };
     #[cfg(feature = "cuda")]
     {
         use candle_bitnet::ops::cuda::kernel_launches;
-        use candle_bitnet::Logits;
+        use candle_bitnet::{model::SeqInput, Logits};
         let expected = Expected::load()?;
         let prompt = expected.ids(PROMPTS[0], "prompt_ids");
         let greedy = expected.ids(PROMPTS[0], "greedy_ids");
@@ -562,15 +563,37 @@ fn a_decoded_token_launches_ten_kernels_a_layer() -> Result<()> {
         let (mut cache, mut cpu_cache) = (model.new_kv_cache(), cpu_model.new_tensor_kv_cache());
         model.forward(&prompt, &mut cache, Logits::Last)?;
         cpu_model.forward(&prompt, &mut cpu_cache, Logits::Last)?;
-        for &next in &greedy[..4] {
+        // Launch by launch (the step without its CUDA graph), then through the graph: the
+        // cache's first graph step runs launch by launch too (warming what the capture needs),
+        // the second is captured (its launches recorded), the later ones replay (none).
+        for (i, &next) in greedy[..8].iter().enumerate() {
             let before = kernel_launches();
-            let logits = model.forward(&[next], &mut cache, Logits::Last)?;
+            let logits = if i < 4 {
+                let mut seq = [SeqInput {
+                    ids: &[next],
+                    cache: &mut cache,
+                    logits: Logits::Last,
+                }];
+                model
+                    .forward_batch_general(&mut seq)?
+                    .remove(0)
+                    .expect("logits")
+            } else {
+                model.forward(&[next], &mut cache, Logits::Last)?
+            };
             let launches = kernel_launches() - before;
             println!(
-                "one decoded token: {launches} launches of ours for {} layers",
+                "decoded token {i}: {launches} launches of ours for {} layers",
                 cfg.num_hidden_layers
             );
-            assert_eq!(launches, 10 * cfg.num_hidden_layers, "launches per token");
+            // The captured attention reads its length from device memory, so its grid covers
+            // the whole capacity and always splits: one combine launch more a layer.
+            let want_launches = match i {
+                0..=4 => 10 * cfg.num_hidden_layers,
+                5 => 11 * cfg.num_hidden_layers,
+                _ => 0,
+            };
+            assert_eq!(launches, want_launches, "launches of token {i}");
             let want = cpu_model.forward(&[next], &mut cpu_cache, Logits::Last)?;
             let err = rel_l2(&logits.to_device(&Device::Cpu)?, &want)?;
             println!("  vs the fused ops' CPU arithmetic: rel-L2 {err:.2e}");

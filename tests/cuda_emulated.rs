@@ -720,27 +720,32 @@ fn check_rope_kv<T: Act + candle_core::WithDType>(exe: &Path, rng: &mut StdRng) 
             }
         }
         let name = format!("rope_kv_append_{}", T::NAME);
-        let args = vec![
-            Arg::In(to_bytes(&qkv), None),
-            Arg::In(to_bytes(&table), None),
-            Arg::InOut(to_bytes(&cache)),
-            Arg::Int(n_h),
-            Arg::Int(n_kv),
-            Arg::Int(hd),
-            Arg::Int(cap),
-            Arg::Int(pos0),
-        ];
-        let got = run(
-            exe,
-            &name,
-            launch::rope_kv_append(n_kv, n_tok).unwrap(),
-            args,
-        );
-        let what = format!(
-            "{name} heads {n_h}/{n_kv}, hd {hd}, positions {pos0}..{}",
-            pos0 + n_tok
-        );
-        assert_same(&got[0], &want, &what);
+        // The position as an argument, then from device memory (a CUDA graph's replays).
+        let at_pos0 = (pos0 as i32).to_ne_bytes().to_vec();
+        for (pos0_arg, pos0_at) in [(pos0, Arg::Null), (0, Arg::In(at_pos0, None))] {
+            let args = vec![
+                Arg::In(to_bytes(&qkv), None),
+                Arg::In(to_bytes(&table), None),
+                Arg::InOut(to_bytes(&cache)),
+                Arg::Int(n_h),
+                Arg::Int(n_kv),
+                Arg::Int(hd),
+                Arg::Int(cap),
+                Arg::Int(pos0_arg),
+                pos0_at,
+            ];
+            let got = run(
+                exe,
+                &name,
+                launch::rope_kv_append(n_kv, n_tok).unwrap(),
+                args,
+            );
+            let what = format!(
+                "{name} heads {n_h}/{n_kv}, hd {hd}, positions {pos0}..{} (argument {pos0_arg})",
+                pos0 + n_tok
+            );
+            assert_same(&got[0], &want, &what);
+        }
     }
 }
 
@@ -793,7 +798,6 @@ fn check_attention<T: Act>(exe: &Path, rng: &mut StdRng) {
         let table = rope_table::<T>(cap, hd);
         let scale = 1.0 / (hd as f32).sqrt();
         let want = reference::decode_attention(&qkv, &cache, &table, shape, scale);
-        let (splits, split_len) = launch::attention_splits(len);
         let name = format!("attention_decode_{}", T::NAME);
         let inputs = || {
             vec![
@@ -802,41 +806,49 @@ fn check_attention<T: Act>(exe: &Path, rng: &mut StdRng) {
                 Arg::In(to_bytes(&table), None),
             ]
         };
-        let tail = [n_h, n_kv, hd, cap, len, split_len].map(Arg::Int);
-        let part_len = n_h * splits * (hd + 2) * 4;
-        let y = if splits == 1 {
-            let mut args = inputs();
-            args.extend([Arg::Out(n_h * hd * T::SIZE), Arg::Null]);
-            args.extend(tail);
-            args.push(Arg::Float(scale));
-            run(exe, &name, launch::attention_decode(n_kv, splits), args).remove(0)
-        } else {
-            let mut args = inputs();
-            args.extend([Arg::Null, Arg::Out(part_len)]);
-            args.extend(tail);
-            args.push(Arg::Float(scale));
-            let part = run(exe, &name, launch::attention_decode(n_kv, splits), args).remove(0);
-            let args = vec![
-                Arg::In(part, None),
-                Arg::Out(n_h * hd * T::SIZE),
-                Arg::Int(hd),
-                Arg::Int(splits),
-            ];
-            let combine = format!("attention_combine_{}", T::NAME);
-            run(exe, &combine, launch::attention_combine(n_h), args).remove(0)
-        };
-        let got: Vec<T> = from_bytes(&y);
-        let v_max = cache[n_kv * cap * hd..]
-            .iter()
-            .map(|v| v.to_f32().abs())
-            .fold(0f32, f32::max) as f64;
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let tol = 1e-5 * v_max + T::ULP * w.abs();
-            let err = (g.to_f32() as f64 - w).abs();
-            assert!(
-                err <= tol,
-                "{name} heads {n_h}/{n_kv}, hd {hd}, len {len} ({splits} splits): element {i} is {g:?}, reference {w}, error {err:e} > {tol:e}"
-            );
+        // len as an argument (splits by len), then from device memory with the splits of the
+        // whole capacity (a CUDA graph's replays: the later splits are empty).
+        let at_len = (len as i32).to_ne_bytes().to_vec();
+        for (split_over, len_arg, len_at) in
+            [(len, len, Arg::Null), (cap, 0, Arg::In(at_len, None))]
+        {
+            let (splits, split_len) = launch::attention_splits(split_over);
+            let tail = [n_h, n_kv, hd, cap, len_arg, split_len].map(Arg::Int);
+            let part_len = n_h * splits * (hd + 2) * 4;
+            let y = if splits == 1 {
+                let mut args = inputs();
+                args.extend([Arg::Out(n_h * hd * T::SIZE), Arg::Null]);
+                args.extend(tail);
+                args.extend([Arg::Float(scale), len_at]);
+                run(exe, &name, launch::attention_decode(n_kv, splits), args).remove(0)
+            } else {
+                let mut args = inputs();
+                args.extend([Arg::Null, Arg::Out(part_len)]);
+                args.extend(tail);
+                args.extend([Arg::Float(scale), len_at]);
+                let part = run(exe, &name, launch::attention_decode(n_kv, splits), args).remove(0);
+                let args = vec![
+                    Arg::In(part, None),
+                    Arg::Out(n_h * hd * T::SIZE),
+                    Arg::Int(hd),
+                    Arg::Int(splits),
+                ];
+                let combine = format!("attention_combine_{}", T::NAME);
+                run(exe, &combine, launch::attention_combine(n_h), args).remove(0)
+            };
+            let got: Vec<T> = from_bytes(&y);
+            let v_max = cache[n_kv * cap * hd..]
+                .iter()
+                .map(|v| v.to_f32().abs())
+                .fold(0f32, f32::max) as f64;
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let tol = 1e-5 * v_max + T::ULP * w.abs();
+                let err = (g.to_f32() as f64 - w).abs();
+                assert!(
+                    err <= tol,
+                    "{name} heads {n_h}/{n_kv}, hd {hd}, len {len} ({splits} splits): element {i} is {g:?}, reference {w}, error {err:e} > {tol:e}"
+                );
+            }
         }
     }
 }

@@ -27,37 +27,38 @@ mod ptx {
 
 static POISON: AtomicBool = AtomicBool::new(false);
 
-/// Test plumbing: with `on`, every output buffer of these ops starts as NaN (floats) or `0x80808080` (ints,
-/// outside the int8 range and unreachable by an accumulator) instead of whatever the stream
-/// allocator hands back, so a test sees any element a kernel failed to write.
+/// Test plumbing: with `on`, every output buffer of these ops starts as NaN (floats: all bytes
+/// 0xFF) or `0x80` in every byte (ints: `0x80808080` is outside the int8 range and unreachable by
+/// an accumulator) instead of whatever the stream allocator hands back, so a test sees any
+/// element a kernel failed to write. A memset on the stream: a CUDA graph captures it too.
 #[cfg(feature = "testing")]
 pub fn poison_outputs(on: bool) {
     POISON.store(on, Ordering::Relaxed)
 }
 
 trait Poison: DeviceRepr + Copy + 'static {
-    const POISON: Self;
+    const POISON_BYTE: u8;
 }
 impl Poison for f32 {
-    const POISON: Self = f32::NAN;
+    const POISON_BYTE: u8 = 0xFF;
 }
 impl Poison for bf16 {
-    const POISON: Self = bf16::NAN;
+    const POISON_BYTE: u8 = 0xFF;
 }
 impl Poison for f16 {
-    const POISON: Self = f16::NAN;
+    const POISON_BYTE: u8 = 0xFF;
 }
 impl Poison for i32 {
-    const POISON: Self = 0x8080_8080u32 as i32;
+    const POISON_BYTE: u8 = 0x80;
 }
 impl Poison for i8 {
-    const POISON: Self = i8::MIN;
+    const POISON_BYTE: u8 = 0x80;
 }
 impl Poison for u8 {
-    const POISON: Self = 0x80;
+    const POISON_BYTE: u8 = 0x80;
 }
 impl Poison for u32 {
-    const POISON: Self = u32::MAX;
+    const POISON_BYTE: u8 = 0xFF;
 }
 
 /// A device buffer that the next launch fills completely.
@@ -65,10 +66,43 @@ fn alloc_out<T: Poison>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
     // SAFETY: the memory is uninitialized; every caller passes it to a kernel that writes all
     // `len` elements before anything reads them (poison mode is how the tests check that).
     let mut out = unsafe { dev.alloc::<T>(len) }?;
-    if POISON.load(Ordering::Relaxed) {
-        dev.memcpy_htod(&vec![T::POISON; len], &mut out)?;
+    if POISON.load(Ordering::Relaxed) && len > 0 {
+        use candle_core::cuda_backend::cudarc::driver::{result, DevicePtrMut};
+        let stream = dev.cuda_stream();
+        let (ptr, _written) = out.device_ptr_mut(&stream);
+        // SAFETY: ptr addresses the len·size_of::<T>() bytes just allocated on this stream.
+        unsafe {
+            result::memset_d8_async(
+                ptr,
+                T::POISON_BYTE,
+                len * size_of::<T>(),
+                stream.cu_stream(),
+            )
+        }
+        .w()?;
     }
     Ok(out)
+}
+
+/// The device address of element `i` of a contiguous U32 CUDA tensor: what a kernel's
+/// `const int*` argument reads, for values a CUDA graph's replays take from device memory.
+pub(crate) fn u32_address(t: &candle_core::Tensor, i: usize) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else {
+        bail!("u32_address: not a CUDA tensor")
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) if start + i < end => {
+            let stream = s.device.cuda_stream();
+            let (ptr, _read) = s.as_cuda_slice::<u32>()?.device_ptr(&stream);
+            Ok(ptr + ((start + i) * size_of::<u32>()) as u64)
+        }
+        _ => bail!(
+            "u32_address: element {i} of a {:?} tensor",
+            layout.shape().dims()
+        ),
+    }
 }
 
 fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
@@ -505,9 +539,12 @@ pub(super) fn rope_kv_append_fwd(
         for a in &args {
             b.arg(a);
         }
+        let pos0_at = op.pos0_at.unwrap_or(0);
+        b.arg(&pos0_at);
         // SAFETY: argument types and order match ROPE_KV_OP in kernels/rope_kv.cu; the cache
         // is [2, n_kv, cap, hd], qkv n_tok rows of (n_h + 2 n_kv)·hd and the rope table covers
-        // positions pos0..pos0 + n_tok < cap (RopeKvAppendOp::check).
+        // positions pos0..pos0 + n_tok < cap (RopeKvAppendOp::check; with pos0_at, an i32 in
+        // device memory, its writer keeps it below the capacity).
         unsafe { b.launch(cfg) }.w()?;
     });
     Ok(())
@@ -538,7 +575,11 @@ pub(super) fn decode_attention_fwd(
             s.head_dim
         )
     }
-    let (splits, split_len) = launch::attention_splits(s.len);
+    // With len in device memory, splits over the whole capacity: any len fits the launch.
+    let (splits, split_len) = launch::attention_splits(match op.len_at {
+        Some(_) => s.capacity,
+        None => s.len,
+    });
     let suffix = suffix(dtype)?;
     let decode = dev.get_or_load_custom_func(
         &format!("attention_decode_{suffix}"),
@@ -577,10 +618,12 @@ pub(super) fn decode_attention_fwd(
             for a in &ints {
                 b.arg(a);
             }
-            b.arg(&op.scale);
+            let len_at = op.len_at.unwrap_or(0);
+            b.arg(&op.scale).arg(&len_at);
             // SAFETY: argument types and order match ATTENTION_OP in kernels/attention.cu;
             // shapes checked by DecodeAttentionOp::check and above (group, head_dim); y holds
-            // n_h·hd elements, part n_h·splits·(hd + 2).
+            // n_h·hd elements, part n_h·splits·(hd + 2); len_at, when set, is an i32 in device
+            // memory that its writer keeps within 1..=capacity.
             unsafe { b.launch(launch_cfg(launch::attention_decode(s.n_kv_heads, splits))?) }.w()?;
         }
         if let Some(part) = &part {

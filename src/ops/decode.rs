@@ -425,6 +425,8 @@ pub(crate) struct RopeKvAppendOp {
     pub capacity: usize,
     pub pos0: usize,
     pub n_tok: usize,
+    /// CUDA: the address of an i32 in device memory read as pos0 instead (graph replays).
+    pub pos0_at: Option<u64>,
 }
 
 impl RopeKvAppendOp {
@@ -476,6 +478,9 @@ impl InplaceOp3 for RopeKvAppendOp {
         rl: &Layout,
     ) -> Result<()> {
         self.check(cl, ql, rl)?;
+        if self.pos0_at.is_some() {
+            bail!("rope_kv_append: a position in device memory needs a CUDA cache")
+        }
         let (hd, n_kv, cap) = (self.head_dim, self.n_kv_heads, self.capacity);
         let width = (self.n_heads + 2 * n_kv) * hd;
         with_float!(cache.dtype(), "rope_kv_append", T => {
@@ -556,6 +561,19 @@ pub fn rope_kv_append(
     n_heads: usize,
     pos0: usize,
 ) -> Result<()> {
+    rope_kv_append_at(cache, qkv, rope, n_heads, pos0, None)
+}
+
+/// [`rope_kv_append`]; with `pos0_at` (CUDA), the kernel reads the position from that i32 in
+/// device memory, and `pos0` only bounds the checks (a CUDA graph captures the launch once).
+pub(crate) fn rope_kv_append_at(
+    cache: &Tensor,
+    qkv: &Tensor,
+    rope: &Tensor,
+    n_heads: usize,
+    pos0: usize,
+    pos0_at: Option<u64>,
+) -> Result<()> {
     count_call();
     let (_, n_kv_heads, capacity, head_dim) = cache.dims4()?;
     if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
@@ -573,6 +591,7 @@ pub fn rope_kv_append(
         capacity,
         pos0,
         n_tok,
+        pos0_at,
     };
     cache.inplace_op3(&qkv.contiguous()?, &rope.contiguous()?, &op)
 }
@@ -582,6 +601,9 @@ pub fn rope_kv_append(
 pub(crate) struct DecodeAttentionOp {
     pub shape: AttentionShape,
     pub scale: f32,
+    /// CUDA: the address of an i32 in device memory read as `shape.len` instead (graph
+    /// replays); the launch then covers the whole capacity.
+    pub len_at: Option<u64>,
 }
 
 impl DecodeAttentionOp {
@@ -628,6 +650,9 @@ impl CustomOp3 for DecodeAttentionOp {
         rl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.check(ql, cl, rl)?;
+        if self.len_at.is_some() {
+            bail!("decode_attention: a length in device memory needs a CUDA cache")
+        }
         let y = with_float!(qkv.dtype(), "decode_attention", T => {
             let (qkv, cache, rope) = (slice::<T>(qkv, ql)?, slice::<T>(cache, cl)?, slice::<T>(rope, rl)?);
             reference::decode_attention(qkv, cache, rope, self.shape, self.scale)
@@ -666,6 +691,20 @@ pub fn decode_attention(
     len: usize,
     scale: f32,
 ) -> Result<Tensor> {
+    decode_attention_at(qkv, cache, rope, n_heads, len, scale, None)
+}
+
+/// [`decode_attention`]; with `len_at` (CUDA), the kernel reads the length from that i32 in
+/// device memory, and `len` only bounds the checks (a CUDA graph captures the launch once).
+pub(crate) fn decode_attention_at(
+    qkv: &Tensor,
+    cache: &Tensor,
+    rope: &Tensor,
+    n_heads: usize,
+    len: usize,
+    scale: f32,
+    len_at: Option<u64>,
+) -> Result<Tensor> {
     count_call();
     let (_, n_kv_heads, capacity, head_dim) = cache.dims4()?;
     if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
@@ -681,7 +720,11 @@ pub fn decode_attention(
         capacity,
         len,
     };
-    let op = DecodeAttentionOp { shape, scale };
+    let op = DecodeAttentionOp {
+        shape,
+        scale,
+        len_at,
+    };
     qkv.contiguous()?
         .apply_op3_no_bwd(&cache.contiguous()?, &rope.contiguous()?, &op)
 }

@@ -43,11 +43,11 @@ mod stages;
 pub use cpu::Int8Head;
 #[cfg(feature = "testing")]
 pub use decode::decode_op_calls;
-pub(crate) use decode::MAX_SEGMENTS;
 pub use decode::{
     argmax_first, bitlinear_quantized, decode_attention, relu2_rms_norm_quantize,
     rms_norm_quantize, rope_kv_append, QuantizedActivations, Segment,
 };
+pub(crate) use decode::{decode_attention_at, rope_kv_append_at, MAX_SEGMENTS};
 pub(crate) use launch_constants::{ATTN_MAX_GROUP, ATTN_MAX_HEAD_DIM, GEMV_MAX_ROWS};
 #[cfg(feature = "cuda")]
 use stages::BitLinearKernelOp;

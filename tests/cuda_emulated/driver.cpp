@@ -151,12 +151,13 @@ float flt(const Args& a, size_t i) { return arg(a, i, 'f').f; }
 #define ROPE_KV(NAME, T)                                                                     \
   {#NAME, [](const Args& a) {                                                                \
      NAME(buf<T>(a, 0), buf<T>(a, 1), buf<T>(a, 2), num(a, 3), num(a, 4), num(a, 5),         \
-          num(a, 6), num(a, 7));                                                             \
+          num(a, 6), num(a, 7), buf<int>(a, 8));                                             \
    }}
 #define ATTENTION(NAME, COMBINE, T)                                                          \
   {#NAME, [](const Args& a) {                                                                \
      NAME(buf<T>(a, 0), buf<T>(a, 1), buf<T>(a, 2), buf<T>(a, 3), buf<float>(a, 4),          \
-          num(a, 5), num(a, 6), num(a, 7), num(a, 8), num(a, 9), num(a, 10), flt(a, 11));    \
+          num(a, 5), num(a, 6), num(a, 7), num(a, 8), num(a, 9), num(a, 10), flt(a, 11),     \
+          buf<int>(a, 12));                                                                  \
    }},                                                                                       \
   {#COMBINE, [](const Args& a) { COMBINE(buf<float>(a, 0), buf<T>(a, 1), num(a, 2), num(a, 3)); }}
 #define ARGMAX(NAME, T) \
