@@ -912,6 +912,22 @@ mod tests {
         Ok(())
     }
 
+    /// Positions in device memory are for CUDA graphs: on the CPU they are an error, not an
+    /// address read.
+    #[test]
+    fn device_positions_on_the_cpu_are_an_error() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n_h, n_kv, hd, cap) = (2, 1, 4, 8);
+        let cache = Tensor::zeros((2, n_kv, cap, hd), DType::F32, &dev)?;
+        let qkv = Tensor::ones((1, (n_h + 2 * n_kv) * hd), DType::F32, &dev)?;
+        let table = Tensor::ones((cap, hd), DType::F32, &dev)?;
+        let err = rope_kv_append_at(&cache, &qkv, &table, n_h, 0, Some(64)).unwrap_err();
+        assert!(err.to_string().contains("needs a CUDA cache"), "{err}");
+        let err = decode_attention_at(&qkv, &cache, &table, n_h, 1, 0.5, Some(64)).unwrap_err();
+        assert!(err.to_string().contains("needs a CUDA cache"), "{err}");
+        Ok(())
+    }
+
     #[test]
     fn argmax_first_picks_the_first_of_ties() -> Result<()> {
         let x = Tensor::new(&[[1f32, 3.0, f32::NAN, 3.0], [f32::NAN; 4]], &Device::Cpu)?;
