@@ -10,7 +10,7 @@
 
 use candle_bitnet::ops::{
     bitlinear_quantized, decode_attention, relu2_rms_norm_quantize, rms_norm_quantize,
-    rope_kv_append, Segment,
+    rope_kv_append, QuantizedActivations, Segment,
 };
 use candle_core::{DType, Device, Result, Tensor};
 use std::time::Instant;
@@ -77,6 +77,45 @@ fn seg(out_features: usize) -> Segment {
     }
 }
 
+/// Each op as the model's fused decode step calls it (`DecoderLayer::forward_fused`).
+impl Layer {
+    fn qkv(&self, acts: &QuantizedActivations) -> Result<Tensor> {
+        let kv = KV_HEADS * HEAD_DIM;
+        let segments = [seg(HIDDEN), seg(kv), seg(kv)];
+        bitlinear_quantized(acts, &self.qkv, &segments, None, DType::BF16)
+    }
+
+    fn attend(&self, qkv: &Tensor, rope: &Tensor) -> Result<Tensor> {
+        rope_kv_append(&self.cache, qkv, rope, HEADS, POS)?;
+        let scale = 1.0 / (HEAD_DIM as f32).sqrt();
+        decode_attention(qkv, &self.cache, rope, HEADS, POS + 1, scale)
+    }
+
+    fn o(&self, acts: &QuantizedActivations, residual: &Tensor) -> Result<Tensor> {
+        bitlinear_quantized(acts, &self.o, &[seg(HIDDEN)], Some(residual), DType::BF16)
+    }
+
+    fn gate_up(&self, acts: &QuantizedActivations) -> Result<Tensor> {
+        bitlinear_quantized(
+            acts,
+            &self.gate_up,
+            &[seg(MLP), seg(MLP)],
+            None,
+            DType::BF16,
+        )
+    }
+
+    fn down(&self, acts: &QuantizedActivations, residual: &Tensor) -> Result<Tensor> {
+        bitlinear_quantized(
+            acts,
+            &self.down,
+            &[seg(HIDDEN)],
+            Some(residual),
+            DType::BF16,
+        )
+    }
+}
+
 struct Step {
     layers: Vec<Layer>,
     head: Tensor,
@@ -87,25 +126,11 @@ struct Step {
 
 impl Step {
     fn layer(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {
-        let kv = KV_HEADS * HEAD_DIM;
-        let acts = rms_norm_quantize(x, &l.norms[0], EPS)?;
-        let qkv = bitlinear_quantized(
-            &acts,
-            &l.qkv,
-            &[seg(HIDDEN), seg(kv), seg(kv)],
-            None,
-            DType::BF16,
-        )?;
-        rope_kv_append(&l.cache, &qkv, &self.rope, HEADS, POS)?;
-        let scale = 1.0 / (HEAD_DIM as f32).sqrt();
-        let y = decode_attention(&qkv, &l.cache, &self.rope, HEADS, POS + 1, scale)?;
-        let acts = rms_norm_quantize(&y, &l.norms[1], EPS)?;
-        let x = bitlinear_quantized(&acts, &l.o, &[seg(HIDDEN)], Some(x), DType::BF16)?;
-        let acts = rms_norm_quantize(&x, &l.norms[2], EPS)?;
-        let gate_up =
-            bitlinear_quantized(&acts, &l.gate_up, &[seg(MLP), seg(MLP)], None, DType::BF16)?;
-        let acts = relu2_rms_norm_quantize(&gate_up, &l.norms[3], EPS)?;
-        bitlinear_quantized(&acts, &l.down, &[seg(HIDDEN)], Some(&x), DType::BF16)
+        let qkv = l.qkv(&rms_norm_quantize(x, &l.norms[0], EPS)?)?;
+        let y = l.attend(&qkv, &self.rope)?;
+        let x = l.o(&rms_norm_quantize(&y, &l.norms[1], EPS)?, x)?;
+        let gate_up = l.gate_up(&rms_norm_quantize(&x, &l.norms[2], EPS)?)?;
+        l.down(&relu2_rms_norm_quantize(&gate_up, &l.norms[3], EPS)?, &x)
     }
 
     /// One decoded token's layers and head; the logits are dropped (no read-back).
@@ -182,21 +207,6 @@ fn graph(_: &Device, _: usize, _: impl FnMut() -> Result<()>) -> Result<f64> {
     candle_core::bail!("graphs need a build with --features cuda")
 }
 
-/// Bytes read + written per second by the best of four 1 GiB copies.
-fn copy_bandwidth(dev: &Device) -> Result<f64> {
-    let src = Tensor::ones(1 << 28, DType::F32, dev)?;
-    let mut best = f64::INFINITY;
-    for _ in 0..4 {
-        dev.synchronize()?;
-        let start = Instant::now();
-        let dst = src.copy()?;
-        dev.synchronize()?;
-        best = best.min(start.elapsed().as_secs_f64());
-        drop(dst);
-    }
-    Ok(2.0 * (4 << 28) as f64 / best)
-}
-
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let ordinal = (args.iter().position(|a| a == "--device"))
@@ -216,7 +226,7 @@ fn main() -> Result<()> {
         x: floats(&[1, HIDDEN], &dev)?,
     };
     let bandwidth = if dev.is_cuda() {
-        Some(copy_bandwidth(&dev)?)
+        Some(candle_bitnet::bench::copy_bandwidth(&dev, 1 << 30)?)
     } else {
         None
     };
@@ -256,16 +266,9 @@ fn main() -> Result<()> {
     // One op of layer 0, repeated (weights hot in L2 on a GPU).
     let l = &step.layers[0];
     let acts = rms_norm_quantize(&step.x, &l.norms[0], EPS)?;
-    let gu = bitlinear_quantized(&acts, &l.gate_up, &[seg(MLP), seg(MLP)], None, DType::BF16)?;
+    let gu = l.gate_up(&acts)?;
     let acts_mlp = relu2_rms_norm_quantize(&gu, &l.norms[3], EPS)?;
-    let kv = KV_HEADS * HEAD_DIM;
-    let qkv = bitlinear_quantized(
-        &acts,
-        &l.qkv,
-        &[seg(HIDDEN), seg(kv), seg(kv)],
-        None,
-        DType::BF16,
-    )?;
+    let qkv = l.qkv(&acts)?;
     let scale = 1.0 / (HEAD_DIM as f32).sqrt();
     type Op<'a> = Box<dyn Fn() -> Result<()> + 'a>;
     let ops: Vec<(&str, usize, Op)> = vec![
@@ -277,32 +280,17 @@ fn main() -> Result<()> {
         (
             "bitlinear qkv",
             l.qkv.elem_count(),
-            Box::new(|| {
-                bitlinear_quantized(
-                    &acts,
-                    &l.qkv,
-                    &[seg(HIDDEN), seg(kv), seg(kv)],
-                    None,
-                    DType::BF16,
-                )
-                .map(drop)
-            }),
+            Box::new(|| l.qkv(&acts).map(drop)),
         ),
         (
             "bitlinear o + residual",
             l.o.elem_count(),
-            Box::new(|| {
-                bitlinear_quantized(&acts, &l.o, &[seg(HIDDEN)], Some(&step.x), DType::BF16)
-                    .map(drop)
-            }),
+            Box::new(|| l.o(&acts, &step.x).map(drop)),
         ),
         (
             "bitlinear gate/up",
             l.gate_up.elem_count(),
-            Box::new(|| {
-                bitlinear_quantized(&acts, &l.gate_up, &[seg(MLP), seg(MLP)], None, DType::BF16)
-                    .map(drop)
-            }),
+            Box::new(|| l.gate_up(&acts).map(drop)),
         ),
         (
             "relu2_rms_norm_quantize",
@@ -312,16 +300,7 @@ fn main() -> Result<()> {
         (
             "bitlinear down + residual",
             l.down.elem_count(),
-            Box::new(|| {
-                bitlinear_quantized(
-                    &acts_mlp,
-                    &l.down,
-                    &[seg(HIDDEN)],
-                    Some(&step.x),
-                    DType::BF16,
-                )
-                .map(drop)
-            }),
+            Box::new(|| l.down(&acts_mlp, &step.x).map(drop)),
         ),
         (
             "rope_kv_append",

@@ -511,7 +511,7 @@ fn next_token(logits: &Tensor) -> Result<u32> {
 
 /// Best of four copies of `bytes` on `device`, in bytes read + written per second. On the CPU
 /// the copy is split over the rayon pool, as the kernels are; one thread cannot saturate memory.
-fn copy_bandwidth(device: &Device, bytes: usize) -> Result<f64> {
+pub fn copy_bandwidth(device: &Device, bytes: usize) -> Result<f64> {
     let elems = bytes / 4;
     let traffic = 2.0 * (elems * 4) as f64;
     let mut best = f64::INFINITY;
