@@ -3,10 +3,12 @@
 # plus the opt-in int8 head from the same `bitnet bench` run:
 #   EXTRA_ENGINE_CMD="dev/peers-line-with-int8-head.sh $PWD" bash ../shared/peers/cpu_peers.sh
 # Prints "name pp128 pp512 tg128 bytes" twice (the prefill numbers are the default head's).
+# Decode starts after a 1-token prompt (bench decodes after the shortest one), as llama-bench's
+# tg128 decodes from an empty context: after 128 tokens each step would pay ~3 ms more attention.
 set -eu
 cd "${1:-.}"
 out=$(mktemp -d)/b.json
-"${BITNET_EXE:-target/release/bitnet}" bench --preset 2b-4t --cpu --no-dense --head int8 --json "$out" >/dev/null
+"${BITNET_EXE:-target/release/bitnet}" bench --preset 2b-4t --cpu --no-dense --prompt-lens 1,128,512 --head int8 --json "$out" >/dev/null
 python3 - "$out" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))
