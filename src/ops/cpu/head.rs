@@ -393,10 +393,27 @@ pub(super) struct Task<'a, W> {
 /// are 320 KiB).
 pub(super) const L2_ROWS: usize = 64;
 
-/// How far ahead of its loads the AVX-512 int8 head prefetches each row (measured: 1 KiB lifts
-/// one token from 63% to 87% of a STREAM read on the 2-core dev VM).
+/// How far ahead of its loads the int8 and compact heads prefetch each row's streams. One
+/// token on the 2-core Xeon guest (`cargo bench --bench bitlinear -- 1 head`): int8 AVX-512
+/// 63% of STREAM read without, 82–95% at 1–8 KiB; int8 AVX2 71–74% at 1 KiB, 83–90% at
+/// 4 KiB (four A/B pairs); compact head 22.6 ms at 1 KiB, 18.2 at 4 KiB, the same at 8 KiB.
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_BYTES: usize = 1024;
+pub(super) const PREFETCH_BYTES: usize = 4096;
+
+/// Asks for the int8 row at `row` `PREFETCH_BYTES` past column `c`, once per cache line.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_int8_ahead(row: *const i8, c: usize) {
+    if c.is_multiple_of(64) {
+        // SAFETY: a prefetch is only a hint and never faults: past the end of the weights it
+        // loads nothing (hence `wrapping_add`, not `add`).
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                row.wrapping_add(c + PREFETCH_BYTES).cast(),
+            )
+        }
+    }
+}
 
 /// f32 lanes per accumulator: several independent FMA chains hide the add latency.
 pub(super) const LANES: usize = 32;
@@ -826,10 +843,7 @@ impl RegisterBlocks<i8> for Avx512 {
         for c in (0..full).step_by(LANES) {
             let mut wf = [[_mm512_setzero_ps(); 2]; R];
             for i in 0..R {
-                if c % 64 == 0 {
-                    // Only a hint: past the end of `w` it loads nothing, hence no `add`.
-                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i * h + c + PREFETCH_BYTES).cast());
-                }
+                prefetch_int8_ahead(wp.wrapping_add(i * h), c);
                 for half in 0..2 {
                     // SAFETY: 16 int8 at c + 16·half of row r + i, inside its full chunks.
                     let v = _mm_loadu_si128(wp.add(i * h + c + 16 * half) as *const __m128i);
@@ -885,10 +899,7 @@ impl RegisterBlocks<i8> for Avx2 {
         for c in (0..full).step_by(LANES) {
             let mut wf = [[_mm256_setzero_ps(); 4]; R];
             for i in 0..R {
-                if c % 64 == 0 {
-                    // Only a hint: past the end of `w` it loads nothing, hence no `add`.
-                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i * h + c + PREFETCH_BYTES).cast());
-                }
+                prefetch_int8_ahead(wp.wrapping_add(i * h), c);
                 for q in 0..4 {
                     // SAFETY: 8 int8 at c + 8q of row r + i, inside its full chunks.
                     let v = _mm_loadl_epi64(wp.add(i * h + c + 8 * q) as *const __m128i);

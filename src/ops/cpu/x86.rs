@@ -12,8 +12,11 @@ use std::arch::x86_64::*;
 /// undone: a lane gains at most 4·128·128 per step (code 2 in field 3 reads as 128), so
 /// 2¹⁴ steps stay under 2³¹.
 const VNNI_FLUSH_STEPS: usize = 1 << 14;
-/// How far ahead of the loads software prefetch runs, per tile stream.
-const PREFETCH_BYTES: usize = 1024;
+/// How far ahead of the loads software prefetch runs, per tile stream. One token on the
+/// 2-core Xeon guest (`cargo bench --bench bitlinear -- 1`): the AVX2 kernel streams 12–14
+/// GB/s at 1 KiB and 13–17 at 4 KiB on every 2B-4T shape (two runs each); AVX-512 VNNI the
+/// same at both, at STREAM read.
+const PREFETCH_BYTES: usize = 4096;
 
 /// BitLinear on `ng` tiles (`w`: `[ng, steps · 64]`, 64-byte aligned) against `nt` token rows
 /// (`x`: `[nt, kp]`, zero-padded, `kp ≥ 4 · steps`); `dots` is `[ng][nt]`, raw `Σ code · x`.
