@@ -186,10 +186,17 @@ impl BitLinearGroup {
             }
             _ => None,
         };
-        if tiles.is_some() {
-            for p in &mut parts {
-                p.tiles = None;
+        // The tiles the model keeps go on huge pages, once: the parts' own are dropped when
+        // they were concatenated.
+        match &tiles {
+            Some(tiles) => {
+                tiles.back_with_huge_pages();
+                for p in &mut parts {
+                    p.tiles = None;
+                }
             }
+            None => (parts.iter().filter_map(|p| p.tiles.as_deref()))
+                .for_each(TernaryTiles::back_with_huge_pages),
         }
         let stacked = if fusable {
             let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();

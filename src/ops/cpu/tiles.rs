@@ -74,7 +74,6 @@ impl TernaryTiles {
             }
             col += out;
         }
-        super::back_with_huge_pages(&blocks);
         Ok(Self {
             blocks,
             in_features,
@@ -114,8 +113,13 @@ impl TernaryTiles {
             tiles.segments.extend_from_slice(&part.segments);
             col += part.out_features();
         }
-        super::back_with_huge_pages(&tiles.blocks);
         Ok(tiles)
+    }
+
+    /// Backs the blocks with 2 MiB pages ([`super::back_with_huge_pages`]): worth it for the
+    /// tiles a model keeps, not for those an op converts for one call.
+    pub fn back_with_huge_pages(&self) {
+        super::back_with_huge_pages(&self.blocks)
     }
 
     pub fn in_features(&self) -> usize {
