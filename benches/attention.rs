@@ -6,6 +6,7 @@
 //! cases whose name contains one of them (`-- prefill`).
 
 use candle_bitnet::ops::cpu::{attend_with, AttentionShape, Kernel, SeqAttention};
+use candle_bitnet::synthetic::uniform_f32;
 use std::time::Instant;
 
 const SHAPE: AttentionShape = AttentionShape {
@@ -39,19 +40,6 @@ fn median_secs(mut f: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
-/// A cheap deterministic stream of floats in (-amp, amp) (timings do not depend on values).
-fn floats(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-        })
-        .collect()
-}
-
 fn main() {
     let filters: Vec<String> = std::env::args()
         .skip(1)
@@ -71,9 +59,9 @@ fn main() {
             .map(|s| {
                 let kv = keys * SHAPE.kv_width();
                 (
-                    floats(rows * SHAPE.q_width(), 3 * s + 1, 1.0),
-                    floats(kv, 3 * s + 2, 1.0),
-                    floats(kv, 3 * s + 3, 1.0),
+                    uniform_f32(rows * SHAPE.q_width(), 3 * s + 1, 1.0),
+                    uniform_f32(kv, 3 * s + 2, 1.0),
+                    uniform_f32(kv, 3 * s + 3, 1.0),
                 )
             })
             .collect();

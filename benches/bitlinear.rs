@@ -19,6 +19,7 @@ use candle_bitnet::ops::cpu::{
     CompactBf16Head, Int8Head, Kernel, QuantizedRows, TernaryTiles,
 };
 use candle_bitnet::ops::{bitlinear_tiles, matmul_bf16_weight, matmul_int8_head};
+use candle_bitnet::synthetic::{ternary_codes, uniform_f32};
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -63,34 +64,6 @@ fn median_secs(mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
 /// Runs `f` on a pool thread, as the model's decode step runs its ops: no wake-up per call.
 fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
-}
-
-/// A cheap deterministic byte stream (the timings do not depend on the values).
-fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
-}
-
-fn floats(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-    bytes(n, seed)
-        .into_iter()
-        .map(|b| (b as f32 - 127.5) / 127.5 * amp)
-        .collect()
-}
-
-/// Ternary codes 0..=2 in each 2-bit field.
-fn packed_codes(n: usize, seed: u64) -> Vec<u8> {
-    bytes(n, seed)
-        .into_iter()
-        .map(|b| (0..4).map(|k| ((b >> (2 * k)) % 3) << (2 * k)).sum())
-        .collect()
 }
 
 fn copies(bytes_each: usize) -> usize {
@@ -179,19 +152,24 @@ fn context_switches() -> u64 {
 
 fn bench_bitlinear(dev: &Device, rows: &[usize], stream: &StreamRead) -> Result<()> {
     for &(k, out, what) in &SHAPES {
-        let packed = packed_codes(out / 4 * k, out as u64 + k as u64);
+        let packed = ternary_codes(out / 4 * k, out as u64 + k as u64);
         let tiles0 = TernaryTiles::from_packed(&packed, k, out)?;
         let bytes = tiles0.bytes();
         let tiles: Vec<Arc<TernaryTiles>> = (0..copies(bytes))
-            .map(|_| TernaryTiles::from_packed(&packed, k, out).map(Arc::new))
+            .map(|_| {
+                let tiles = TernaryTiles::from_packed(&packed, k, out)?;
+                // As the model keeps its tiles.
+                tiles.back_with_huge_pages();
+                Ok(Arc::new(tiles))
+            })
             .collect::<Result<_>>()?;
-        let w_dense0 = Tensor::from_vec(floats(out * k, 5, 0.05), (out, k), dev)?;
+        let w_dense0 = Tensor::from_vec(uniform_f32(out * k, 5, 0.05), (out, k), dev)?;
         let w_dense: Vec<Tensor> = (0..copies(out * k * 4))
             .map(|_| w_dense0.copy())
             .collect::<Result<_>>()?;
         for &n in rows {
             println!("{k} → {out} ({what}), {n} rows");
-            let x_vec = floats(n * k, n as u64, 2.0);
+            let x_vec = uniform_f32(n * k, n as u64, 2.0);
             let x = Tensor::from_vec(x_vec.clone(), (n, k), dev)?;
             let ops = 2.0 * (n * out * k) as f64;
             let dense = median_secs(|i| {
@@ -251,9 +229,9 @@ fn bench_bitlinear(dev: &Device, rows: &[usize], stream: &StreamRead) -> Result<
 
 fn bench_head(dev: &Device, stream: &StreamRead) -> Result<()> {
     println!("LM head {HIDDEN} → {VOCAB}, 1 row");
-    let x_vec = floats(HIDDEN, 9, 2.0);
+    let x_vec = uniform_f32(HIDDEN, 9, 2.0);
     let x = Tensor::from_vec(x_vec.clone(), (1, HIDDEN), dev)?;
-    let w_f32 = Tensor::from_vec(floats(VOCAB * HIDDEN, 11, 0.05), (VOCAB, HIDDEN), dev)?;
+    let w_f32 = Tensor::from_vec(uniform_f32(VOCAB * HIDDEN, 11, 0.05), (VOCAB, HIDDEN), dev)?;
     let w_bf16 = w_f32.to_dtype(DType::BF16)?;
     let ops = 2.0 * (VOCAB * HIDDEN) as f64;
     let dense = median_secs(|_| {
@@ -327,7 +305,7 @@ fn bench_head(dev: &Device, stream: &StreamRead) -> Result<()> {
     // than the rows (the last column: time ÷ the same kernel's one-row time).
     for n in [4, 16] {
         println!("LM head {HIDDEN} → {VOCAB}, {n} rows");
-        let xs = floats(n * HIDDEN, 9 + n as u64, 2.0);
+        let xs = uniform_f32(n * HIDDEN, 9 + n as u64, 2.0);
         let mut y = vec![0f32; n * VOCAB];
         for (&kernel, &one) in Kernel::available().iter().zip(&one_row) {
             if kernel == Kernel::Portable {

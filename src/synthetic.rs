@@ -311,7 +311,7 @@ fn valid_packed_bytes() -> [u8; 81] {
 
 /// `len` packed bytes with independent, uniform {-1, 0, +1} weights: four bytes per random word,
 /// each picked among the 81 valid ones by a 16-bit lane (bias < 81/65536).
-fn ternary_codes(len: usize, seed: u64) -> Vec<u8> {
+pub fn ternary_codes(len: usize, seed: u64) -> Vec<u8> {
     let table = valid_packed_bytes();
     generate(len, seed, 4, |word, bytes: &mut [u8]| {
         for (k, b) in bytes.iter_mut().enumerate() {
@@ -319,6 +319,11 @@ fn ternary_codes(len: usize, seed: u64) -> Vec<u8> {
             *b = table[((lane * 81) >> 16) as usize];
         }
     })
+}
+
+/// `len` f32 uniform in `±half`: inputs for benchmarks.
+pub fn uniform_f32(len: usize, seed: u64, half: f32) -> Vec<f32> {
+    uniform(len, seed, 0.0, half, |v| v)
 }
 
 /// `len` floats uniform in `center ± half`, two per random word (24 bits each), as `T`.
