@@ -12,6 +12,7 @@ use candle_bitnet::ops::{
     bitlinear_quantized, decode_attention, relu2_rms_norm_quantize, rms_norm_quantize,
     rope_kv_append, QuantizedActivations, Segment,
 };
+use candle_bitnet::synthetic::ternary_codes;
 use candle_core::{DType, Device, Result, Tensor};
 use std::time::Instant;
 
@@ -37,20 +38,9 @@ struct Layer {
     cache: Tensor,
 }
 
-/// Packed ternary codes `[out/4, in]` (each 2-bit field 0, 1 or 2), generated on the host.
+/// Packed ternary codes `[out/4, in]`, generated on the host.
 fn packed(out: usize, k: usize, seed: u64, dev: &Device) -> Result<Tensor> {
-    let mut s = seed | 1;
-    let bytes: Vec<u8> = (0..out / 4 * k)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (0..4).fold(0u8, |b, f| {
-                b | ((((s >> (8 * f)) & 0xff) % 3) as u8) << (2 * f)
-            })
-        })
-        .collect();
-    Tensor::from_vec(bytes, (out / 4, k), dev)
+    Tensor::from_vec(ternary_codes(out / 4 * k, seed), (out / 4, k), dev)
 }
 
 fn floats(dims: &[usize], dev: &Device) -> Result<Tensor> {
@@ -170,26 +160,11 @@ fn eager(dev: &Device, n: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f
 /// Seconds per call of `f` captured `n` times into one CUDA graph and replayed.
 #[cfg(feature = "cuda")]
 fn graph(dev: &Device, n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
     let Device::Cuda(cuda) = dev else {
         candle_core::bail!("graphs need a CUDA device")
     };
-    let stream = cuda.cuda_stream();
     f()?; // kernels loaded, the pool warm: nothing but launches and pool allocations below
-    dev.synchronize()?;
-    stream
-        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-        .map_err(candle_core::Error::wrap)?;
-    let captured = (0..n).try_for_each(|_| f());
-    let graph = stream
-        .end_capture(
-            sys::CUgraphInstantiate_flags_enum::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
-        )
-        .map_err(candle_core::Error::wrap)?;
-    captured?;
-    let Some(graph) = graph else {
-        candle_core::bail!("the capture recorded nothing")
-    };
+    let graph = candle_bitnet::ops::cuda::capture_graph(cuda, || (0..n).try_for_each(|_| f()))?;
     graph.launch().map_err(candle_core::Error::wrap)?;
     dev.synchronize()?;
     let mut best = f64::INFINITY;

@@ -9,14 +9,21 @@
 //! capture that fails leaves the cache on the launch-per-kernel path, with a warning.
 
 use super::{BitnetModel, KvCache, SeqRows, Step};
-use crate::ops::cuda::u32_address;
+use crate::ops::cuda::{capture_graph, u32_address};
 use crate::profile::{timed, Stage};
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
+use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 use candle_core::{bail, DType, Device, Error, Result, Tensor};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-/// Set to `0` to decode on CUDA with a launch per kernel instead of a graph (comparisons).
+/// Set to `0` to decode on CUDA with a launch per kernel instead of a graph (comparisons); read
+/// once, at the process's first CUDA decode step.
 pub const CUDA_GRAPH_ENV: &str = "CANDLE_BITNET_CUDA_GRAPH";
+
+/// [`CUDA_GRAPH_ENV`], read at the first step rather than at every token.
+fn graphs_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var(CUDA_GRAPH_ENV).map_or(true, |v| v != "0"))
+}
 
 /// A cache's captured step.
 #[derive(Clone, Default)]
@@ -69,7 +76,7 @@ impl BitnetModel {
             && !cache.is_host()
             && !matches!(cache.graph, GraphSlot::Failed)
             && self.layers.iter().all(|l| l.can_fuse())
-            && std::env::var(CUDA_GRAPH_ENV).map_or(true, |v| v != "0")
+            && graphs_enabled()
     }
 
     /// The f32 logits `(vocab,)` of `id` at the cache's next position, its layers replayed from
@@ -154,21 +161,10 @@ impl BitnetModel {
         let hidden_in = Tensor::zeros((1, 1, hidden), self.dtype, &self.device)?;
         let hidden_out = Tensor::zeros((1, 1, hidden), self.dtype, &self.device)?;
         let at = (u32_address(&positions, 0)?, u32_address(&positions, 1)?);
-        // Kernels loaded and pool memory at hand before capturing (neither may happen then).
-        self.device.synchronize()?;
-        let stream = cuda.cuda_stream();
-        stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-            .map_err(Error::wrap)?;
-        let recorded = self.record_layers(&hidden_in, &hidden_out, at, cache);
-        // Always end the capture, or the stream stays in capture mode.
-        let exec = stream.end_capture(
-            sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
-        );
-        recorded?;
-        let Some(exec) = exec.map_err(Error::wrap)? else {
-            bail!("the capture recorded no work")
-        };
+        // The cache's first step ran launch by launch: kernels loaded, pool memory at hand.
+        let exec = capture_graph(cuda, || {
+            self.record_layers(&hidden_in, &hidden_out, at, cache)
+        })?;
         Ok(DecodeGraph {
             capacity,
             exec: Mutex::new(Exec(exec)),

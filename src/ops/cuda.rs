@@ -14,7 +14,7 @@ use super::stages::QuantPart;
 use super::{BitLinearKernelOp, GpuKernel};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+    sys, CudaGraph, CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
@@ -26,6 +26,30 @@ mod ptx {
 }
 
 static POISON: AtomicBool = AtomicBool::new(false);
+
+/// Records the work `record` issues on `device`'s stream as a CUDA graph, instantiated to free
+/// what it allocates at each launch. Nothing runs while recording. Kernels must be loaded and
+/// pool memory at hand beforehand: neither may happen during a capture.
+pub fn capture_graph(
+    device: &CudaDevice,
+    record: impl FnOnce() -> Result<()>,
+) -> Result<CudaGraph> {
+    device.synchronize()?;
+    let stream = device.cuda_stream();
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .map_err(candle_core::Error::wrap)?;
+    let recorded = record();
+    // Always end the capture, or the stream stays in capture mode.
+    let graph = stream.end_capture(
+        sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+    );
+    recorded?;
+    match graph.map_err(candle_core::Error::wrap)? {
+        Some(graph) => Ok(graph),
+        None => bail!("the CUDA graph capture recorded no work"),
+    }
+}
 
 /// Test plumbing: with `on`, every output buffer of these ops starts as NaN (floats: all bytes
 /// 0xFF) or `0x80` in every byte (ints: `0x80808080` is outside the int8 range and unreachable by
