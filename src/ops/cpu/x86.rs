@@ -13,9 +13,9 @@ use std::arch::x86_64::*;
 /// 2¹⁴ steps stay under 2³¹.
 const VNNI_FLUSH_STEPS: usize = 1 << 14;
 /// How far ahead of the loads software prefetch runs, per tile stream. One token on the
-/// 2-core Xeon guest (`cargo bench --bench bitlinear -- 1`): the AVX2 kernel streams 12–14
-/// GB/s at 1 KiB and 13–17 at 4 KiB on every 2B-4T shape (two runs each); AVX-512 VNNI the
-/// same at both, at STREAM read.
+/// 2-core Xeon guest (`cargo bench --bench bitlinear -- 1`, two runs each): the AVX2 kernel,
+/// compute-bound there, streams 7.5–13.6 GB/s at 1 KiB and 10.2–16.7 at 4 KiB over the 2B-4T
+/// shapes; AVX-512 VNNI reads at STREAM either way.
 const PREFETCH_BYTES: usize = 4096;
 
 /// BitLinear on `ng` tiles (`w`: `[ng, steps · 64]`, 64-byte aligned) against `nt` token rows
