@@ -146,11 +146,12 @@ fn the_harness_reference_is_the_crate_reference() -> Result<()> {
 
 #[test]
 fn long_rows_match_the_reference_past_the_accumulator_flush() -> Result<()> {
-    // 70 000 columns: more steps than the AVX-512 kernel sums before undoing the bit-field
-    // scale, and thousands of AVX2 16-bit flushes.
+    // 70 000 columns: more steps than the VNNI kernels sum before undoing the bit-field
+    // scale, and thousands of AVX2 16-bit flushes; 3 rows, so the two-token kernels run both
+    // their paths.
     let mut rng = StdRng::seed_from_u64(6);
     let shape = Shape {
-        rows: 2,
+        rows: 3,
         k: 70_000,
         out: 64,
     };

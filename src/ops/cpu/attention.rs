@@ -370,7 +370,7 @@ fn run(kernel: Kernel, job: &Job, scratch: &mut Scratch, out: &mut [f32]) {
         Kernel::Avx512Vnni => unsafe { run_avx512(job, scratch, out) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => unsafe { run_avx2(job, scratch, out) },
+        Kernel::Avx2 | Kernel::AvxVnni => unsafe { run_avx2(job, scratch, out) },
         // SAFETY: the portable lanes need no feature.
         _ => unsafe { job_body::<Portable, 2, 2, 4, 1>(job, scratch, out) },
     }
@@ -1091,7 +1091,7 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => run::<std::arch::x86_64::__m512>(xs, max),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => run::<x86_lanes::Avx2Lanes>(xs, max),
+            Kernel::Avx2 | Kernel::AvxVnni => run::<x86_lanes::Avx2Lanes>(xs, max),
             _ => run::<Portable>(xs, max),
         }
     }

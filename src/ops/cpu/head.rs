@@ -107,7 +107,7 @@ pub fn matmul_bf16_in(
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Vnni => deinterleave(x, hidden, LANES, rows),
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => deinterleave(x, hidden, 16, rows),
+        Kernel::Avx2 | Kernel::AvxVnni => deinterleave(x, hidden, 16, rows),
         _ => x,
     };
     run_tasks(kernel, x, xd, w, None, hidden, y);
@@ -308,7 +308,7 @@ fn run_tasks<W: HeadWeight>(
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => unsafe { W::run_avx512(task, xd) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { W::run_avx2(task, xd) },
+            Kernel::Avx2 | Kernel::AvxVnni => unsafe { W::run_avx2(task, xd) },
             _ => task.run::<1, false>(),
         }
     });

@@ -81,6 +81,11 @@ pub const K_ALIGN: usize = 64;
 /// AMX off too.
 pub const AVX512_ENV: &str = "CANDLE_BITNET_AVX512";
 
+/// Set to `0` to keep AVX-VNNI CPUs (Intel since Alder Lake, AMD since Zen 5) on the AVX2
+/// BitLinear kernel, as a CPU without it runs; with `CANDLE_BITNET_AVX512=0` too, an AVX-512
+/// machine runs what Zen 3 or Skylake would.
+pub const AVX_VNNI_ENV: &str = "CANDLE_BITNET_AVX_VNNI";
+
 /// Set to `0` to keep AMX CPUs on the AVX-512 kernel for every token count.
 pub const AMX_ENV: &str = "CANDLE_BITNET_AMX";
 
@@ -129,6 +134,9 @@ pub enum Kernel {
     Portable,
     /// x86-64 AVX2: `vpmaddubsw` + `vpmaddwd` (the head: the portable code compiled for AVX2).
     Avx2,
+    /// x86-64 AVX2 with AVX-VNNI: BitLinear on 256-bit `vpdpbusd`; the head and attention as
+    /// [`Kernel::Avx2`].
+    AvxVnni,
     /// x86-64 AVX-512 with VNNI: `vpdpbusd` on 64 bytes (the head: AVX-512F FMA).
     Avx512Vnni,
 }
@@ -138,10 +146,15 @@ impl Kernel {
     pub fn available() -> &'static [Kernel] {
         static AVAILABLE: OnceLock<Vec<Kernel>> = OnceLock::new();
         AVAILABLE.get_or_init(|| {
-            [Kernel::Portable, Kernel::Avx2, Kernel::Avx512Vnni]
-                .into_iter()
-                .filter(|k| k.detect())
-                .collect()
+            [
+                Kernel::Portable,
+                Kernel::Avx2,
+                Kernel::AvxVnni,
+                Kernel::Avx512Vnni,
+            ]
+            .into_iter()
+            .filter(|k| k.detect())
+            .collect()
         })
     }
 
@@ -162,6 +175,11 @@ impl Kernel {
         match self {
             Kernel::Portable => true,
             Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Kernel::AvxVnni => {
+                std::env::var_os(AVX_VNNI_ENV).is_none_or(|v| v != "0")
+                    && Kernel::Avx2.detect()
+                    && is_x86_feature_detected!("avxvnni")
+            }
             // Verified bit-exact by the parity tests under emulation (bochs's Tiger Lake model,
             // dev/avx512-emulated.sh), then on AVX-512 hardware (docs/status.md).
             Kernel::Avx512Vnni => {
@@ -184,7 +202,7 @@ impl Kernel {
     fn max_tokens(self) -> usize {
         match self {
             Kernel::Portable => 1,
-            Kernel::Avx2 => 2,
+            Kernel::Avx2 | Kernel::AvxVnni => 2,
             Kernel::Avx512Vnni => 4,
         }
     }
@@ -738,13 +756,15 @@ fn tile(
     let (steps, ng) = (w.steps(), tiles.len());
     let w = w.tile_bytes(tiles);
     match kernel {
-        // SAFETY (both arms): `bitlinear_with` runs only kernels from `Kernel::available()`;
+        // SAFETY (all arms): `bitlinear_with` runs only kernels from `Kernel::available()`;
         // `run_task` passes whole tiles and token rows of kp ≥ in_features rounded up to 64
         // (≥ 4·steps), with (ng, nt) from `tiles_in_flight`.
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Vnni => unsafe { x86::tiles_vnni(w, steps, ng, x, kp, nt, dots) },
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2 => unsafe { x86::tile_avx2(w, steps, x, kp, nt, dots) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::AvxVnni => unsafe { x86::tile_avx_vnni(w, steps, x, kp, nt, dots) },
         _ => {
             for (i, d) in dots.iter_mut().enumerate() {
                 let (g, t) = (i / nt, i % nt);
