@@ -1,7 +1,9 @@
 //! `cargo bench --bench attention`: CPU attention (`ops::cpu::attend`) at BitNet 2B-4T's heads
 //! (20 query heads, 5 KV heads of 128), for a prefill of 128 and of 512 tokens in one
 //! sequence and for decode (one row per sequence). Each line prints the median time per call
-//! and GFLOP/s (2 multiply-adds per query head, key and dimension: q·k and p·v). Threads:
+//! and GFLOP/s (2 multiply-adds per query head, key and dimension: q·k and p·v); the "30
+//! layers" cases rotate through 30 caches, one per layer of the model, so their keys and
+//! values come from DRAM as in a decode step (GB/s: cache bytes read per call). Threads:
 //! rayon's default unless RAYON_NUM_THREADS says otherwise. Arguments narrow the run to the
 //! cases whose name contains one of them (`-- prefill`).
 
@@ -18,22 +20,24 @@ const SHAPE: AttentionShape = AttentionShape {
 const MIN_SECONDS: f64 = 0.5;
 const MIN_RUNS: usize = 3;
 
-/// (name, sequences, new rows per sequence, positions cached before them)
-const CASES: [(&str, usize, usize, usize); 5] = [
-    ("prefill 128", 1, 128, 0),
-    ("prefill 512", 1, 512, 0),
-    ("decode 1 seq at 140", 1, 1, 139),
-    ("decode 16 seqs at 512", 16, 1, 511),
-    ("decode 1 seq at 1024", 1, 1, 1023),
+/// (name, sequences, new rows per sequence, positions cached before them, caches rotated)
+const CASES: [(&str, usize, usize, usize, usize); 7] = [
+    ("prefill 128", 1, 128, 0, 1),
+    ("prefill 512", 1, 512, 0, 1),
+    ("decode 1 seq at 140", 1, 1, 139, 1),
+    ("decode 16 seqs at 512", 16, 1, 511, 1),
+    ("decode 1 seq at 1024", 1, 1, 1023, 1),
+    ("decode at 512, 30 layers", 1, 1, 511, 30),
+    ("decode at 2048, 30 layers", 1, 1, 2047, 30),
 ];
 
 /// Median seconds of `f` over repeated runs.
-fn median_secs(mut f: impl FnMut()) -> f64 {
-    f();
+fn median_secs(mut f: impl FnMut(usize)) -> f64 {
+    f(0);
     let (start, mut times) = (Instant::now(), Vec::new());
     while times.len() < MIN_RUNS || start.elapsed().as_secs_f64() < MIN_SECONDS {
         let t = Instant::now();
-        f();
+        f(times.len() + 1);
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
@@ -50,12 +54,12 @@ fn main() {
         rayon::current_num_threads(),
         Kernel::available()
     );
-    for (name, n_seqs, rows, before) in CASES {
+    for (name, n_seqs, rows, before, copies) in CASES {
         if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }
         let keys = before + rows;
-        let data: Vec<_> = (0..n_seqs as u64)
+        let data: Vec<_> = (0..(n_seqs * copies) as u64)
             .map(|s| {
                 let kv = keys * SHAPE.kv_width();
                 (
@@ -65,7 +69,7 @@ fn main() {
                 )
             })
             .collect();
-        let seqs: Vec<SeqAttention> = data
+        let copy_seqs: Vec<SeqAttention> = data
             .iter()
             .map(|(q, k, v)| SeqAttention {
                 q,
@@ -75,6 +79,8 @@ fn main() {
                 capacity: keys,
             })
             .collect();
+        let copies: Vec<&[SeqAttention]> = copy_seqs.chunks(n_seqs).collect();
+        let cache_bytes = 2 * keys * SHAPE.kv_width() * n_seqs * size_of::<f32>();
         let visible: usize = (0..rows).map(|i| before + i + 1).sum::<usize>() * n_seqs;
         let flops = 4.0 * (visible * SHAPE.heads * SHAPE.head_dim) as f64;
         let mut y = vec![0f32; n_seqs * rows * SHAPE.q_width()];
@@ -83,12 +89,14 @@ fn main() {
             if kernel == Kernel::Portable && visible > 128 * 129 / 2 {
                 continue;
             }
-            let secs = median_secs(|| attend_with(kernel, SHAPE, &seqs, &mut y));
+            let secs =
+                median_secs(|i| attend_with(kernel, SHAPE, copies[i % copies.len()], &mut y));
             println!(
-                "  {name:<24} {:<12} {:>9.3} ms {:>7.1} GFLOP/s",
+                "  {name:<26} {:<12} {:>9.3} ms {:>7.1} GFLOP/s {:>7.1} GB/s",
                 format!("{kernel:?}"),
                 secs * 1e3,
-                flops / secs / 1e9
+                flops / secs / 1e9,
+                cache_bytes as f64 / secs / 1e9
             );
         }
     }
