@@ -762,9 +762,11 @@ fn tile(
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Vnni => unsafe { x86::tiles_vnni(w, steps, ng, x, kp, nt, dots) },
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => unsafe { x86::tile_avx2(w, steps, x, kp, nt, dots) },
+        Kernel::Avx2 => unsafe { x86::tile_256::<x86::Avx2Fields>(w, steps, x, kp, nt, dots) },
         #[cfg(target_arch = "x86_64")]
-        Kernel::AvxVnni => unsafe { x86::tile_avx_vnni(w, steps, x, kp, nt, dots) },
+        Kernel::AvxVnni => unsafe {
+            x86::tile_256::<x86::AvxVnniFields>(w, steps, x, kp, nt, dots)
+        },
         _ => {
             for (i, d) in dots.iter_mut().enumerate() {
                 let (g, t) = (i / nt, i % nt);

@@ -141,118 +141,154 @@ fn unscale512(v: __m512i, p: usize) -> __m512i {
 /// magnitude (field 1 read in place is 4 × code ≤ 8), and 15 · 2048 < 2¹⁵.
 const I16_STEPS: usize = 15;
 
-/// BitLinear on one tile with AVX2: `nt == 1` takes both 32-byte halves of each block in one
-/// pass; `nt == 2` runs twice, one half (rows `16p + 8h + lane`) per pass, so that its 8
-/// accumulators fit the 16 ymm registers. `dots` is `[nt]`.
-///
-/// # Safety
-/// The CPU must support AVX2; `w` is one tile (`[steps · 64]`, 64-byte aligned), `x` is
-/// `[nt, kp]`, `kp ≥ 4 · steps`, `nt ≤ 2`, `dots.len() == nt`.
-pub(super) unsafe fn tile_avx2(
-    w: &[u8],
-    steps: usize,
-    x: &[i8],
-    kp: usize,
-    nt: usize,
-    dots: &mut [[i32; TILE_ROWS]],
-) {
-    // SAFETY: the features and shapes are the caller's contract.
-    unsafe {
-        if nt == 1 {
-            avx2::<2, 1>(w, steps, 0, x, kp, dots)
-        } else {
-            avx2::<1, 2>(w, steps, 0, x, kp, dots);
-            avx2::<1, 2>(w, steps, 1, x, kp, dots);
-        }
-    }
-}
-
-/// Halves `h0..h0 + H` of every block of one tile against `T` tokens. The bit fields come from
-/// `v` and `v >> 4` masked with 0x03 and 0x0c: fields 1 and 3 read as 4 × code.
-#[allow(clippy::needless_range_loop)]
-#[target_feature(enable = "avx2")]
-unsafe fn avx2<const H: usize, const T: usize>(
-    w: &[u8],
-    steps: usize,
-    h0: usize,
-    x: &[i8],
-    kp: usize,
-    dots: &mut [[i32; TILE_ROWS]],
-) {
-    debug_assert!(w.len() == steps * BLOCK_BYTES && x.len() == T * kp && kp >= 4 * steps);
-    debug_assert!(dots.len() == T && h0 + H <= 2 && w.as_ptr().align_offset(64) == 0);
-    let (lo, hi, ones) = (
-        _mm256_set1_epi8(0x03),
-        _mm256_set1_epi8(0x0c),
-        _mm256_set1_epi16(1),
+/// How a 256-bit kernel sums one 32-byte half block against each token's broadcast
+/// activations: per bit field `p`, into `acc[t][p]`, and how such a sum becomes the i32
+/// `Σ code · x` once per flush of [`Self::FLUSH_STEPS`] steps.
+pub(super) trait HalfBlock {
+    const FLUSH_STEPS: usize;
+    /// # Safety
+    /// The CPU has the kernel's features; only inlined into functions that enable them.
+    unsafe fn accumulate<const T: usize>(
+        v: __m256i,
+        xb: &[__m256i; T],
+        acc: &mut [[__m256i; 4]; T],
     );
-    let mut acc = [[[_mm256_setzero_si256(); 4]; T]; H];
-    let mut s0 = 0;
-    while s0 < steps {
-        let end = steps.min(s0 + I16_STEPS);
-        let mut acc16 = [[[_mm256_setzero_si256(); 4]; T]; H];
-        for s in s0..end {
-            let mut xb = [_mm256_setzero_si256(); T];
-            for t in 0..T {
-                // SAFETY: 4s + 4 ≤ 4·steps ≤ kp.
-                xb[t] = _mm256_set1_epi32(unsafe { broadcast4(x, t, kp, s) });
-            }
-            // SAFETY: s < steps, so the block is inside `w` (`[steps · 64]`, 64-byte aligned).
-            let block = unsafe { w.as_ptr().add(s * BLOCK_BYTES) };
-            // A hint, never dereferenced: past the end it is harmless.
-            _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_BYTES).cast());
-            for h in 0..H {
-                // SAFETY: bytes 32(h0 + h) .. + 32 of the block (h0 + h < 2), 32-byte aligned.
-                let v = unsafe { _mm256_load_si256(block.add(32 * (h0 + h)).cast()) };
-                let v4 = _mm256_srli_epi16::<4>(v);
-                let fields = [
-                    _mm256_and_si256(v, lo),
-                    _mm256_and_si256(v, hi),
-                    _mm256_and_si256(v4, lo),
-                    _mm256_and_si256(v4, hi),
-                ];
-                for t in 0..T {
-                    for p in 0..4 {
-                        let pairs = _mm256_maddubs_epi16(fields[p], xb[t]);
-                        acc16[h][t][p] = _mm256_add_epi16(acc16[h][t][p], pairs);
-                    }
+    /// # Safety
+    /// As for [`Self::accumulate`].
+    unsafe fn fold(sum: __m256i, p: usize) -> __m256i;
+    /// [`halves`] compiled for the kernel's features.
+    ///
+    /// # Safety
+    /// As for [`halves`], on a CPU with the kernel's features.
+    unsafe fn halves<const H: usize, const T: usize>(
+        w: &[u8],
+        steps: usize,
+        h0: usize,
+        x: &[i8],
+        kp: usize,
+        dots: &mut [[i32; TILE_ROWS]],
+    );
+}
+
+/// AVX2: the bit fields come from `v` and `v >> 4` masked with 0x03 and 0x0c (fields 1 and 3
+/// read as 4 × code), `vpmaddubsw` pairs sum in i16 and widen with `vpmaddwd` per flush.
+pub(super) struct Avx2Fields;
+
+impl HalfBlock for Avx2Fields {
+    const FLUSH_STEPS: usize = I16_STEPS;
+
+    #[inline(always)]
+    unsafe fn accumulate<const T: usize>(
+        v: __m256i,
+        xb: &[__m256i; T],
+        acc: &mut [[__m256i; 4]; T],
+    ) {
+        // SAFETY: the caller enables AVX2.
+        unsafe {
+            let (lo, hi) = (_mm256_set1_epi8(0x03), _mm256_set1_epi8(0x0c));
+            let v4 = _mm256_srli_epi16::<4>(v);
+            let fields = [
+                _mm256_and_si256(v, lo),
+                _mm256_and_si256(v, hi),
+                _mm256_and_si256(v4, lo),
+                _mm256_and_si256(v4, hi),
+            ];
+            for (acc, xb) in acc.iter_mut().zip(xb) {
+                for (acc, field) in acc.iter_mut().zip(fields) {
+                    *acc = _mm256_add_epi16(*acc, _mm256_maddubs_epi16(field, *xb));
                 }
             }
         }
-        for h in 0..H {
-            for t in 0..T {
-                for p in 0..4 {
-                    let wide = _mm256_madd_epi16(acc16[h][t][p], ones);
-                    acc[h][t][p] = _mm256_add_epi32(acc[h][t][p], wide);
-                }
-            }
-        }
-        s0 = end;
     }
-    for h in 0..H {
-        for t in 0..T {
-            for p in 0..4 {
-                let v = acc[h][t][p];
-                let v = if p % 2 == 1 {
-                    _mm256_srai_epi32::<2>(v)
-                } else {
-                    v
-                };
-                let dst = dots[t][16 * p + 8 * (h0 + h)..].as_mut_ptr();
-                // SAFETY: 8 i32 at 16p + 8h of a 64-element row.
-                unsafe { _mm256_storeu_si256(dst.cast(), v) };
+
+    #[inline(always)]
+    unsafe fn fold(sum: __m256i, p: usize) -> __m256i {
+        // SAFETY: the caller enables AVX2.
+        unsafe {
+            let wide = _mm256_madd_epi16(sum, _mm256_set1_epi16(1));
+            if p % 2 == 1 {
+                _mm256_srai_epi32::<2>(wide)
+            } else {
+                wide
             }
         }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn halves<const H: usize, const T: usize>(
+        w: &[u8],
+        steps: usize,
+        h0: usize,
+        x: &[i8],
+        kp: usize,
+        dots: &mut [[i32; TILE_ROWS]],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { halves::<Self, H, T>(w, steps, h0, x, kp, dots) }
     }
 }
 
-/// BitLinear on one tile with AVX-VNNI (256-bit `vpdpbusd`), split into halves as
-/// [`tile_avx2`] is: the bit fields are masked in place as in [`tiles_vnni`] and the products
-/// sum straight into i32, 8 vector ops per 32 bytes of codes where AVX2 needs 13.
+/// AVX-VNNI: the fields masked in place as in [`tiles_vnni`] (field `p` reads as `4^p` ×
+/// code), the products summed straight into i32 by `vpdpbusd`: 8 vector ops per 32 bytes of
+/// codes where AVX2 needs 13.
+pub(super) struct AvxVnniFields;
+
+impl HalfBlock for AvxVnniFields {
+    const FLUSH_STEPS: usize = VNNI_FLUSH_STEPS;
+
+    #[inline(always)]
+    unsafe fn accumulate<const T: usize>(
+        v: __m256i,
+        xb: &[__m256i; T],
+        acc: &mut [[__m256i; 4]; T],
+    ) {
+        // SAFETY: the caller enables AVX2 and AVX-VNNI.
+        unsafe {
+            for p in 0..4 {
+                let codes = _mm256_and_si256(v, _mm256_set1_epi8((0x03u8 << (2 * p)) as i8));
+                for (acc, xb) in acc.iter_mut().zip(xb) {
+                    acc[p] = _mm256_dpbusd_avx_epi32(acc[p], codes, *xb);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn fold(sum: __m256i, p: usize) -> __m256i {
+        // SAFETY: the caller enables AVX2; the sums are exact multiples of 4^p.
+        unsafe {
+            match p {
+                0 => sum,
+                1 => _mm256_srai_epi32::<2>(sum),
+                2 => _mm256_srai_epi32::<4>(sum),
+                _ => _mm256_srai_epi32::<6>(sum),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,avxvnni")]
+    unsafe fn halves<const H: usize, const T: usize>(
+        w: &[u8],
+        steps: usize,
+        h0: usize,
+        x: &[i8],
+        kp: usize,
+        dots: &mut [[i32; TILE_ROWS]],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { halves::<Self, H, T>(w, steps, h0, x, kp, dots) }
+    }
+}
+
+/// BitLinear on one tile with a 256-bit kernel `K`: `nt == 1` takes both 32-byte halves of
+/// each block in one pass; `nt == 2` runs twice, one half (rows `16p + 8h + lane`) per pass,
+/// so that its 8 accumulators fit the 16 ymm registers. `dots` is `[nt]`.
 ///
 /// # Safety
-/// The CPU must support AVX2 and AVX-VNNI; shapes as for [`tile_avx2`].
-pub(super) unsafe fn tile_avx_vnni(
+/// The CPU must support AVX2, and AVX-VNNI for [`AvxVnniFields`]; `w` is one tile
+/// (`[steps · 64]`, 64-byte aligned), `x` is `[nt, kp]`, `kp ≥ 4 · steps`, `nt ≤ 2`,
+/// `dots.len() == nt`.
+pub(super) unsafe fn tile_256<K: HalfBlock>(
     w: &[u8],
     steps: usize,
     x: &[i8],
@@ -263,19 +299,22 @@ pub(super) unsafe fn tile_avx_vnni(
     // SAFETY: the features and shapes are the caller's contract.
     unsafe {
         if nt == 1 {
-            avx_vnni::<2, 1>(w, steps, 0, x, kp, dots)
+            K::halves::<2, 1>(w, steps, 0, x, kp, dots)
         } else {
-            avx_vnni::<1, 2>(w, steps, 0, x, kp, dots);
-            avx_vnni::<1, 2>(w, steps, 1, x, kp, dots);
+            K::halves::<1, 2>(w, steps, 0, x, kp, dots);
+            K::halves::<1, 2>(w, steps, 1, x, kp, dots);
         }
     }
 }
 
-/// Halves `h0..h0 + H` of every block of one tile against `T` tokens, the fields read in
-/// place (field `p` as `4^p` × code) and undone once per flush.
-#[allow(clippy::needless_range_loop)]
-#[target_feature(enable = "avx2,avxvnni")]
-unsafe fn avx_vnni<const H: usize, const T: usize>(
+/// Halves `h0..h0 + H` of every block of one tile against `T` tokens, summed by `K` and
+/// folded into i32 once per flush.
+///
+/// # Safety
+/// The caller enables `K`'s features; `w` is `[steps · 64]`, 64-byte aligned, `x` is
+/// `[T, kp]`, `kp ≥ 4 · steps`, `h0 + H ≤ 2`, `dots.len() == T`.
+#[inline(always)]
+unsafe fn halves<K: HalfBlock, const H: usize, const T: usize>(
     w: &[u8],
     steps: usize,
     h0: usize,
@@ -285,68 +324,46 @@ unsafe fn avx_vnni<const H: usize, const T: usize>(
 ) {
     debug_assert!(w.len() == steps * BLOCK_BYTES && x.len() == T * kp && kp >= 4 * steps);
     debug_assert!(dots.len() == T && h0 + H <= 2 && w.as_ptr().align_offset(64) == 0);
-    let fields = [
-        _mm256_set1_epi8(0x03),
-        _mm256_set1_epi8(0x0c),
-        _mm256_set1_epi8(0x30),
-        _mm256_set1_epi8(0xc0u8 as i8),
-    ];
-    let mut total = [[[_mm256_setzero_si256(); 4]; T]; H];
-    let mut s0 = 0;
-    while s0 < steps {
-        let end = steps.min(s0 + VNNI_FLUSH_STEPS);
-        let mut acc = [[[_mm256_setzero_si256(); 4]; T]; H];
-        for s in s0..end {
-            let mut xb = [_mm256_setzero_si256(); T];
-            for t in 0..T {
-                // SAFETY: 4s + 4 ≤ 4·steps ≤ kp.
-                xb[t] = _mm256_set1_epi32(unsafe { broadcast4(x, t, kp, s) });
+    // SAFETY: the caller enables AVX2 (and K's features) and guarantees the shapes.
+    unsafe {
+        let mut total = [[[_mm256_setzero_si256(); 4]; T]; H];
+        let mut s0 = 0;
+        while s0 < steps {
+            let end = steps.min(s0 + K::FLUSH_STEPS);
+            let mut acc = [[[_mm256_setzero_si256(); 4]; T]; H];
+            for s in s0..end {
+                let mut xb = [_mm256_setzero_si256(); T];
+                for (t, xb) in xb.iter_mut().enumerate() {
+                    // 4s + 4 ≤ 4·steps ≤ kp.
+                    *xb = _mm256_set1_epi32(broadcast4(x, t, kp, s));
+                }
+                // s < steps, so the block is inside `w`.
+                let block = w.as_ptr().add(s * BLOCK_BYTES);
+                // A hint, never dereferenced: past the end it is harmless.
+                _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_BYTES).cast());
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    // Bytes 32(h0 + h) .. + 32 of the block (h0 + h < 2), 32-byte aligned.
+                    let v = _mm256_load_si256(block.add(32 * (h0 + h)).cast());
+                    K::accumulate(v, &xb, acc);
+                }
             }
-            // SAFETY: s < steps, so the block is inside `w` (`[steps · 64]`, 64-byte aligned).
-            let block = unsafe { w.as_ptr().add(s * BLOCK_BYTES) };
-            // A hint, never dereferenced: past the end it is harmless.
-            _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_BYTES).cast());
-            for h in 0..H {
-                // SAFETY: bytes 32(h0 + h) .. + 32 of the block (h0 + h < 2), 32-byte aligned.
-                let v = unsafe { _mm256_load_si256(block.add(32 * (h0 + h)).cast()) };
-                for p in 0..4 {
-                    let codes = _mm256_and_si256(v, fields[p]);
-                    for t in 0..T {
-                        acc[h][t][p] = _mm256_dpbusd_avx_epi32(acc[h][t][p], codes, xb[t]);
+            for (total, acc) in total.iter_mut().zip(&acc) {
+                for (total, acc) in total.iter_mut().zip(acc) {
+                    for p in 0..4 {
+                        total[p] = _mm256_add_epi32(total[p], K::fold(acc[p], p));
                     }
                 }
             }
+            s0 = end;
         }
-        for h in 0..H {
-            for t in 0..T {
-                for p in 0..4 {
-                    total[h][t][p] = _mm256_add_epi32(total[h][t][p], unscale256(acc[h][t][p], p));
+        for (h, total) in total.iter().enumerate() {
+            for (dots, total) in dots.iter_mut().zip(total) {
+                for (p, total) in total.iter().enumerate() {
+                    // 8 i32 at 16p + 8h of a 64-element row.
+                    let dst = dots[16 * p + 8 * (h0 + h)..].as_mut_ptr();
+                    _mm256_storeu_si256(dst.cast(), *total);
                 }
             }
-        }
-        s0 = end;
-    }
-    for h in 0..H {
-        for t in 0..T {
-            for p in 0..4 {
-                let dst = dots[t][16 * p + 8 * (h0 + h)..].as_mut_ptr();
-                // SAFETY: 8 i32 at 16p + 8h of a 64-element row.
-                unsafe { _mm256_storeu_si256(dst.cast(), total[h][t][p]) };
-            }
-        }
-    }
-}
-
-/// [`unscale512`] on 8 lanes.
-#[inline(always)]
-fn unscale256(v: __m256i, p: usize) -> __m256i {
-    // SAFETY: only inlined into functions that enable AVX2.
-    unsafe {
-        match p {
-            0 => v,
-            1 => _mm256_srai_epi32::<2>(v),
-            2 => _mm256_srai_epi32::<4>(v),
-            _ => _mm256_srai_epi32::<6>(v),
         }
     }
 }
