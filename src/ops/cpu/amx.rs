@@ -252,8 +252,7 @@ unsafe fn decode(packed: &[u8], steps: usize, c0: usize, seg: usize, codes: *mut
             let fields = if s < steps {
                 // SAFETY: block `s < steps` of the tile, 64-byte aligned.
                 let block = unsafe { packed.as_ptr().add(s * BLOCK_BYTES) };
-                // A hint, never dereferenced: past the end it is harmless.
-                _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_BYTES).cast());
+                super::prefetch(block.wrapping_add(PREFETCH_BYTES), false);
                 // SAFETY: as above.
                 let v = unsafe { _mm512_load_si512(block.cast()) };
                 [

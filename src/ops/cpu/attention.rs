@@ -840,12 +840,12 @@ unsafe fn score_all<L: Lanes, const QT: usize, const KT: usize>(
         // A task reads its span once, from DRAM in a decode step, and the hardware prefetcher
         // stops at each 4 KiB page: keys further on go to L1 now, and the values of these
         // keys to L2 for `weigh_all`.
-        prefetch(
+        prefetch_rows(
             job.k,
             (j + PREFETCH_KEYS) * hd..(j + PREFETCH_KEYS + keys) * hd,
             false,
         );
-        prefetch(job.v, j * hd..(j + keys) * hd, true);
+        prefetch_rows(job.v, j * hd..(j + keys) * hd, true);
         let mut i = 0;
         while i < n {
             let tile = if n - i >= QT { QT } else { 1 };
@@ -872,27 +872,13 @@ unsafe fn score_all<L: Lanes, const QT: usize, const KT: usize>(
 /// How far ahead of the scores the key rows are prefetched: 4 KiB at 128 dimensions.
 const PREFETCH_KEYS: usize = 8;
 
-/// Hints the cache lines of `rows[range]` in, to L1 or (`to_l2`) to L2 only; past the end of
-/// `rows` is harmless, a prefetch never faults.
+/// Hints the cache lines of `rows[range]` in (see [`super::prefetch`]); past the end of
+/// `rows` is harmless.
 #[inline(always)]
-fn prefetch(rows: &[f32], range: std::ops::Range<usize>, to_l2: bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
-        for at in range.step_by(64 / size_of::<f32>()) {
-            let line = rows.as_ptr().wrapping_add(at).cast();
-            // SAFETY: SSE, which x86-64 always has; a prefetch reads nothing.
-            unsafe {
-                if to_l2 {
-                    _mm_prefetch::<_MM_HINT_T1>(line);
-                } else {
-                    _mm_prefetch::<_MM_HINT_T0>(line);
-                }
-            }
-        }
+fn prefetch_rows(rows: &[f32], range: std::ops::Range<usize>, to_l2: bool) {
+    for at in range.step_by(64 / size_of::<f32>()) {
+        super::prefetch(rows.as_ptr().wrapping_add(at), to_l2);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (rows, range, to_l2);
 }
 
 /// Scores of `QT` queries against keys `j .. j + KT`, into `scores[a · span + b]`.

@@ -339,12 +339,8 @@ mod x86 {
     /// Asks for the low and index planes of chunk `line` `PREFETCH_BYTES` ahead.
     #[inline(always)]
     fn prefetch_planes_ahead(low: *const u8, index: *const u8, line: usize) {
-        // SAFETY: prefetches are only hints and never fault: past the end of the planes they
-        // load nothing (hence `wrapping_add`, not `add`).
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(low.wrapping_add(64 * line + PREFETCH_BYTES).cast());
-            _mm_prefetch::<_MM_HINT_T0>(index.wrapping_add(32 * line + PREFETCH_BYTES / 2).cast());
-        }
+        super::super::prefetch(low.wrapping_add(64 * line + PREFETCH_BYTES), false);
+        super::super::prefetch(index.wrapping_add(32 * line + PREFETCH_BYTES / 2), false);
     }
 
     /// Rows `rows` against every token of `xd` (`[n, hidden]`, deinterleaved per 32 as the

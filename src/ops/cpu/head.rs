@@ -405,13 +405,7 @@ pub(super) const PREFETCH_BYTES: usize = 4096;
 #[inline(always)]
 fn prefetch_int8_ahead(row: *const i8, c: usize) {
     if c.is_multiple_of(64) {
-        // SAFETY: a prefetch is only a hint and never faults: past the end of the weights it
-        // loads nothing (hence `wrapping_add`, not `add`).
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                row.wrapping_add(c + PREFETCH_BYTES).cast(),
-            )
-        }
+        super::prefetch(row.wrapping_add(c + PREFETCH_BYTES), false);
     }
 }
 

@@ -66,6 +66,27 @@ pub fn back_with_huge_pages<T>(data: &[T]) {
     let _ = data;
 }
 
+/// Hints the cache line holding `at` into L1 (or, `to_l2`, into L2 only). A prefetch never
+/// faults, so `at` may lie past the end of its buffer: build it with `wrapping_add`.
+/// Streams prefetch ahead because the hardware prefetcher stops at each 4 KiB page.
+#[inline(always)]
+pub(super) fn prefetch<T>(at: *const T, to_l2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        // SAFETY: SSE, which x86-64 always has; a prefetch reads nothing.
+        unsafe {
+            if to_l2 {
+                _mm_prefetch::<_MM_HINT_T1>(at.cast());
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(at.cast());
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (at, to_l2);
+}
+
 use crate::quant::{dequantize_accumulator, ACT_ABSMAX_EPS};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};

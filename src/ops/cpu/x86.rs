@@ -91,8 +91,7 @@ unsafe fn vnni<const G: usize, const T: usize>(
                 // SAFETY: g < G and s < steps, so the block's 64 bytes are inside `w`
                 // (`[G, steps · 64]`, 64-byte aligned).
                 let block = unsafe { w.as_ptr().add(g * stride + s * BLOCK_BYTES) };
-                // A hint, never dereferenced: past the end it is harmless.
-                _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_BYTES).cast());
+                super::prefetch(block.wrapping_add(PREFETCH_BYTES), false);
                 // SAFETY: as above.
                 let v = unsafe { _mm512_load_si512(block.cast()) };
                 for p in 0..4 {
@@ -339,8 +338,7 @@ unsafe fn halves<K: HalfBlock, const H: usize, const T: usize>(
                 }
                 // s < steps, so the block is inside `w`.
                 let block = w.as_ptr().add(s * BLOCK_BYTES);
-                // A hint, never dereferenced: past the end it is harmless.
-                _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_BYTES).cast());
+                super::prefetch(block.wrapping_add(PREFETCH_BYTES), false);
                 for (h, acc) in acc.iter_mut().enumerate() {
                     // Bytes 32(h0 + h) .. + 32 of the block (h0 + h < 2), 32-byte aligned.
                     let v = _mm256_load_si256(block.add(32 * (h0 + h)).cast());
