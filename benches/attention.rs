@@ -73,8 +73,8 @@ fn main() {
             .iter()
             .map(|(q, k, v)| SeqAttention {
                 q,
-                k,
-                v,
+                k: k.as_slice().into(),
+                v: v.as_slice().into(),
                 keys,
                 capacity: keys,
             })

@@ -36,6 +36,8 @@ pub struct BenchOptions {
     /// Also measure batch-1 decode with the int8 LM head ([`crate::HeadDtype::Int8`], CPU
     /// only), beside the default head.
     pub int8_head: bool,
+    /// The ternary model's KV caches ([`crate::KvDtype::F16`] is CPU only).
+    pub kv_dtype: crate::KvDtype,
 }
 
 impl Default for BenchOptions {
@@ -50,6 +52,7 @@ impl Default for BenchOptions {
             batch: vec![],
             batch_steps: 16,
             int8_head: false,
+            kv_dtype: crate::KvDtype::F32,
         }
     }
 }
@@ -196,6 +199,8 @@ pub struct BenchReport {
     pub host: Option<String>,
     pub threads: usize,
     pub seed: u64,
+    /// What the ternary model's KV caches hold.
+    pub kv_dtype: crate::KvDtype,
     pub parameter_count: usize,
     /// Packed codes plus per-matrix scale, in bits per ternary weight.
     pub ternary_bits_per_weight: f64,
@@ -251,13 +256,16 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
             .check_device(&device.location())
             .map_err(candle_core::Error::wrap)?;
     }
+    (opts.kv_dtype)
+        .check_device(&device.location())
+        .map_err(candle_core::Error::wrap)?;
     let dtype = crate::device::compute_dtype(device);
     let tokens_per_model = opts.prompt_lens.iter().sum::<usize>() + opts.decode_tokens;
     let int8_tokens = opts.int8_head as usize * (shortest + opts.decode_tokens);
     let bar = progress_bar((tokens_per_model * (1 + opts.dense as usize) + int8_tokens) as u64)?;
 
     bar.set_message("building ternary model");
-    let model = synthetic::build(&cfg, opts.seed, dtype, device)?;
+    let model = synthetic::build(&cfg, opts.seed, dtype, device)?.with_kv_dtype(opts.kv_dtype)?;
     let (ternary_weights, packed_bytes) = model.bitlinears().iter().fold((0, 0), |(n, b), l| {
         (n + l.in_features() * l.out_features(), b + l.weight_bytes())
     });
@@ -314,6 +322,7 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
         host: cpu_model(),
         threads: candle_core::utils::get_num_threads(),
         seed: opts.seed,
+        kv_dtype: opts.kv_dtype,
         parameter_count: synthetic::parameter_count(&cfg),
         ternary_bits_per_weight,
         decode_tokens: opts.decode_tokens,
@@ -586,6 +595,7 @@ impl BenchReport {
             "host": self.host,
             "threads": self.threads,
             "seed": self.seed,
+            "kv_dtype": format!("{:?}", self.kv_dtype).to_lowercase(),
             "parameter_count": self.parameter_count,
             "decode_tokens": self.decode_tokens,
             "decode_tokens_per_s": self.ternary.decode_tokens_per_s,
@@ -685,7 +695,7 @@ impl BenchReport {
             None,
         ));
         let mut out = format!(
-            "preset {} ({} parameters), {}{}, {} threads, seed {:#x}\n\n",
+            "preset {} ({} parameters), {}{}, {} threads, seed {:#x}, {} KV cache\n\n",
             self.preset,
             self.parameter_count,
             self.device,
@@ -694,7 +704,8 @@ impl BenchReport {
                 .map(|h| format!(" ({h})"))
                 .unwrap_or_default(),
             self.threads,
-            self.seed
+            self.seed,
+            format!("{:?}", self.kv_dtype).to_lowercase()
         );
         out += &format!("| | ternary | {dense_name} | ternary ÷ dense |\n|---|---:|---:|---:|\n");
         for (name, t, d, ratio) in rows {

@@ -52,7 +52,7 @@ pub mod weights;
 
 pub use bitlinear::BitLinear;
 pub use config::Config;
-pub use device::{HeadDtype, LoadOptions};
+pub use device::{HeadDtype, KvDtype, LoadOptions};
 pub use engine::{
     Engine, EngineHandle, EngineOptions, Event, FinishReason, Request, SamplingParams,
 };

@@ -131,16 +131,94 @@ pub struct KvCache {
 /// One layer's keys and values.
 #[derive(Debug, Clone)]
 enum LayerKv {
-    /// CPU: f32 `[kv_heads, capacity, head_dim]` each (a head's positions contiguous, as
+    /// CPU: `[kv_heads, capacity, head_dim]` each (a head's positions contiguous, as
     /// attention streams them), appended in place.
     Host {
-        k: Vec<f32>,
-        v: Vec<f32>,
+        k: HostRows,
+        v: HostRows,
         capacity: usize,
     },
     /// Other devices: keys, then values, `[2, kv_heads, capacity, head_dim]` in the compute
     /// dtype (the layout of [`crate::ops::rope_kv_append`]), allocated on first use.
     Device(Option<Tensor>),
+}
+
+/// A CPU cache's keys or values in the model's [`crate::KvDtype`].
+#[derive(Debug, Clone)]
+enum HostRows {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl HostRows {
+    fn new(dtype: crate::KvDtype) -> Self {
+        match dtype {
+            crate::KvDtype::F32 => HostRows::F32(vec![]),
+            crate::KvDtype::F16 => HostRows::F16(vec![]),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            HostRows::F32(rows) => rows.capacity() * 4,
+            HostRows::F16(rows) => rows.capacity() * 2,
+        }
+    }
+
+    fn rows(&self) -> cpu::KvRows<'_> {
+        match self {
+            HostRows::F32(rows) => cpu::KvRows::F32(rows),
+            HostRows::F16(rows) => cpu::KvRows::F16(rows),
+        }
+    }
+
+    /// Writes `rows` (`[t, kv_heads · head_dim]`) at positions `len..` of each of the
+    /// `kv_heads` heads, first moving the heads from `capacity` to `grown` positions apart when
+    /// that is larger.
+    fn append(
+        &mut self,
+        rows: &[f32],
+        len: usize,
+        capacity: usize,
+        grown: usize,
+        head: (usize, usize),
+    ) {
+        match self {
+            HostRows::F32(cache) => append_rows(cache, rows, len, capacity, grown, head, |x| x),
+            HostRows::F16(cache) => {
+                append_rows(cache, rows, len, capacity, grown, head, half::f16::from_f32)
+            }
+        }
+    }
+}
+
+/// [`HostRows::append`] for one element type; `convert` rounds each value into it.
+fn append_rows<E: Copy + Default>(
+    cache: &mut Vec<E>,
+    rows: &[f32],
+    len: usize,
+    capacity: usize,
+    grown: usize,
+    (kv_heads, head_dim): (usize, usize),
+    convert: impl Fn(f32) -> E,
+) {
+    if grown > capacity {
+        let mut bigger = vec![E::default(); kv_heads * grown * head_dim];
+        for g in 0..kv_heads {
+            bigger[g * grown * head_dim..][..len * head_dim]
+                .copy_from_slice(&cache[g * capacity * head_dim..][..len * head_dim]);
+        }
+        *cache = bigger;
+    }
+    let capacity = capacity.max(grown);
+    for (i, row) in rows.chunks_exact(kv_heads * head_dim).enumerate() {
+        for (g, head) in row.chunks_exact(head_dim).enumerate() {
+            let at = &mut cache[(g * capacity + len + i) * head_dim..][..head_dim];
+            for (at, &x) in at.iter_mut().zip(head) {
+                *at = convert(x);
+            }
+        }
+    }
 }
 
 impl KvCache {
@@ -163,7 +241,7 @@ impl KvCache {
         self.layers
             .iter()
             .map(|layer| match layer {
-                LayerKv::Host { k, v, .. } => (k.capacity() + v.capacity()) * 4,
+                LayerKv::Host { k, v, .. } => k.bytes() + v.bytes(),
                 LayerKv::Device(kv) => kv
                     .as_ref()
                     .map_or(0, |kv| kv.elem_count() * kv.dtype().size_in_bytes()),
@@ -186,32 +264,21 @@ impl KvCache {
         };
         let width = kv_heads * head_dim;
         let (len, needed) = (self.len, self.len + k_rows.len() / width);
-        if needed > *capacity {
-            let grown = needed.next_multiple_of(KV_CACHE_CHUNK);
-            for cache in [&mut *k, &mut *v] {
-                let mut bigger = vec![0f32; kv_heads * grown * head_dim];
-                for g in 0..kv_heads {
-                    bigger[g * grown * head_dim..][..len * head_dim]
-                        .copy_from_slice(&cache[g * *capacity * head_dim..][..len * head_dim]);
-                }
-                *cache = bigger;
-            }
-            *capacity = grown;
-        }
-        for (cache, rows) in [(k, k_rows), (v, v_rows)] {
-            for (i, row) in rows.chunks_exact(width).enumerate() {
-                for (g, head) in row.chunks_exact(head_dim).enumerate() {
-                    cache[(g * *capacity + len + i) * head_dim..][..head_dim].copy_from_slice(head);
-                }
-            }
-        }
+        let grown = if needed > *capacity {
+            needed.next_multiple_of(KV_CACHE_CHUNK)
+        } else {
+            *capacity
+        };
+        k.append(k_rows, len, *capacity, grown, (kv_heads, head_dim));
+        v.append(v_rows, len, *capacity, grown, (kv_heads, head_dim));
+        *capacity = grown;
         Ok(())
     }
 
     /// A CPU layer's keys, values and capacity (the rows appended in this forward included).
-    fn host(&self, layer: usize) -> Result<(&[f32], &[f32], usize)> {
+    fn host(&self, layer: usize) -> Result<(cpu::KvRows<'_>, cpu::KvRows<'_>, usize)> {
         match &self.layers[layer] {
-            LayerKv::Host { k, v, capacity } => Ok((k, v, *capacity)),
+            LayerKv::Host { k, v, capacity } => Ok((k.rows(), v.rows(), *capacity)),
             LayerKv::Device(_) => bail!("KV cache of layer {layer} is not on the CPU"),
         }
     }
@@ -730,6 +797,7 @@ pub struct BitnetModel {
     max_position_embeddings: usize,
     dtype: DType,
     device: Device,
+    kv_dtype: crate::KvDtype,
 }
 
 impl BitnetModel {
@@ -788,6 +856,7 @@ impl BitnetModel {
             max_position_embeddings: cfg.max_position_embeddings,
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            kv_dtype: crate::KvDtype::F32,
         })
     }
 
@@ -829,6 +898,21 @@ impl BitnetModel {
         };
         self.lm_head = LmHead::Int8(Arc::new(int8));
         Ok(self)
+    }
+
+    /// The same model with its CPU caches ([`Self::new_kv_cache`]) holding `kv_dtype`; an f16
+    /// cache on another device is an error naming the problem.
+    pub fn with_kv_dtype(mut self, kv_dtype: crate::KvDtype) -> Result<Self> {
+        kv_dtype
+            .check_device(&self.device.location())
+            .map_err(candle_core::Error::wrap)?;
+        self.kv_dtype = kv_dtype;
+        Ok(self)
+    }
+
+    /// What the caches this model makes hold ([`Self::with_kv_dtype`]).
+    pub fn kv_dtype(&self) -> crate::KvDtype {
+        self.kv_dtype
     }
 
     /// Bytes of head weights one decoded token reads.
@@ -886,8 +970,8 @@ impl BitnetModel {
     fn kv_cache(&self, host: bool) -> KvCache {
         let layer = if host {
             LayerKv::Host {
-                k: vec![],
-                v: vec![],
+                k: HostRows::new(self.kv_dtype),
+                v: HostRows::new(self.kv_dtype),
                 capacity: 0,
             }
         } else {

@@ -189,6 +189,7 @@ pub fn load_model(
     opts: &LoadOptions,
 ) -> Result<BitnetModel> {
     opts.head.check_device(&opts.device.location())?;
+    opts.kv.check_device(&opts.device.location())?;
     let weights = CheckedSafetensors::open(paths)?;
     let mut vocab_matrices = vec!["model.embed_tokens.weight"];
     if !cfg.tie_word_embeddings {
@@ -203,11 +204,12 @@ pub fn load_model(
     let model_fault = |e: candle_core::Error| Error::model(crate::error::candle_message(&e));
     let model =
         BitnetModel::new_with_head_dtype(cfg, vb, opts.head_dtype(stored)).map_err(model_fault)?;
-    match opts.head {
+    let model = match opts.head {
         // The device was checked above: what fails here is the weights (a non-finite value).
-        crate::HeadDtype::Int8 => model.with_int8_head().map_err(model_fault),
-        crate::HeadDtype::Auto | crate::HeadDtype::Compute => Ok(model),
-    }
+        crate::HeadDtype::Int8 => model.with_int8_head().map_err(model_fault)?,
+        crate::HeadDtype::Auto | crate::HeadDtype::Compute => model,
+    };
+    model.with_kv_dtype(opts.kv).map_err(model_fault)
 }
 
 /// Loads `config.json` and the weights of a checkpoint directory in the hub layout as a

@@ -379,41 +379,30 @@ fn bad_sampling_settings_are_errors() -> Result<()> {
 }
 
 #[test]
-fn int8_head_decodes_the_reference_greedy_ids() -> Result<()> {
-    // The fixture's greedy ids survive the int8 head (tests/fixture.rs measures its logits).
+fn opt_in_approximations_decode_the_reference_greedy_ids() -> Result<()> {
+    // The fixture's greedy ids survive the int8 head and the f16 KV cache (tests/fixture.rs
+    // measures their logits).
     let expected = Expected::load()?;
     let prompt = expected.ids("ids_len23", "prompt_ids");
-    let tmp = tempfile::tempdir()?;
-    let json = tmp.path().join("out.json");
-    let (f, ids, j) = (fixture(), ids_arg(&prompt), json.display().to_string());
-    let out = bitnet(
-        &[
-            "generate",
-            "--model",
-            &f,
-            "--cpu",
-            "--head",
-            "int8",
-            "--prompt-ids",
-            &ids,
-            "--temperature",
-            "0",
-            "--ignore-eos",
-            "--max-tokens",
-            "16",
-            "--output-json",
-            &j,
-        ],
-        tmp.path(),
-    )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        json_ids(&read_json(&json)?["generated_ids"]),
-        expected.ids("ids_len23", "greedy_ids")
-    );
+    for option in [["--head", "int8"], ["--kv-dtype", "f16"]] {
+        let tmp = tempfile::tempdir()?;
+        let json = tmp.path().join("out.json");
+        let (f, ids, j) = (fixture(), ids_arg(&prompt), json.display().to_string());
+        let mut args = vec!["generate", "--model", &f, "--cpu", "--prompt-ids", &ids];
+        args.extend(option);
+        args.extend(["--temperature", "0", "--ignore-eos", "--max-tokens", "16"]);
+        args.extend(["--output-json", &j]);
+        let out = bitnet(&args, tmp.path())?;
+        assert!(
+            out.status.success(),
+            "{option:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            json_ids(&read_json(&json)?["generated_ids"]),
+            expected.ids("ids_len23", "greedy_ids"),
+            "{option:?}"
+        );
+    }
     Ok(())
 }

@@ -9,7 +9,7 @@ mod common;
 
 use candle_bitnet::model::SeqInput;
 use candle_bitnet::weights::{load_model, safetensors_files};
-use candle_bitnet::{BitnetModel, Config, HeadDtype, KvCache, LoadOptions, Logits};
+use candle_bitnet::{BitnetModel, Config, HeadDtype, KvCache, KvDtype, LoadOptions, Logits};
 use candle_core::{DType, Device, Result};
 use common::{fixture_dir, Expected, PROMPTS};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -129,11 +129,18 @@ const WARM_UP: usize = 4;
 const STEPS: usize = 16;
 
 /// The heads a CPU decode step can run: int8, the default (compact where the CPU has AVX-512,
-/// else plain bf16) and, where the default is compact, plain bf16 too.
+/// else plain bf16) and, where the default is compact, plain bf16 too; and the default head
+/// over an f16 KV cache.
 fn every_head() -> Result<Vec<(&'static str, BitnetModel)>> {
     let exact = load(HeadDtype::Auto)?;
     assert_eq!(exact.embedding_dtype(), DType::BF16, "a bf16 head");
-    let mut heads = vec![("int8", load(HeadDtype::Int8)?)];
+    let mut heads = vec![
+        ("int8", load(HeadDtype::Int8)?),
+        (
+            "f16 KV cache, default",
+            exact.clone().with_kv_dtype(KvDtype::F16)?,
+        ),
+    ];
     if exact.has_compact_head() {
         heads.push(("plain bf16", exact.clone().with_plain_head()?));
         heads.push(("compact bf16", exact));

@@ -14,10 +14,14 @@
 //!
 //! Dot products use 16 f32 lanes summed in one fixed order, with FMA on AVX2 and AVX-512
 //! (the two give the same bits) and a separate multiply and add in the portable build.
+//! A cache may hold f16 rows ([`KvRows::F16`]): they widen to f32 exactly as they load, so
+//! the arithmetic is the f32 cache's on the rounded rows.
 
 use super::{Kernel, OutPtr};
+use half::f16;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::ops::Deref;
 
 /// f32 lanes of the partial dot products.
 const LANES: usize = 16;
@@ -60,14 +64,33 @@ pub fn rope_in_place(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// Cache rows as they are held: f32, or f16 (half the bytes a decode step reads).
+#[derive(Clone, Copy, Debug)]
+pub enum KvRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> From<&'a [f32]> for KvRows<'a> {
+    fn from(rows: &'a [f32]) -> Self {
+        KvRows::F32(rows)
+    }
+}
+
+impl<'a> From<&'a [f16]> for KvRows<'a> {
+    fn from(rows: &'a [f16]) -> Self {
+        KvRows::F16(rows)
+    }
+}
+
 /// One sequence's part of [`attend`]: its rotated query rows `q: [t, heads · hd]`, which sit
-/// at positions `keys - t .. keys`, and its cache `k`, `v: [kv_heads, capacity, hd]`, each
-/// head's positions contiguous so that a task streams them.
+/// at positions `keys - t .. keys`, and its cache `k`, `v: [kv_heads, capacity, hd]` (both of
+/// one dtype), each head's positions contiguous so that a task streams them.
 #[derive(Clone, Copy)]
 pub struct SeqAttention<'a> {
     pub q: &'a [f32],
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: KvRows<'a>,
+    pub v: KvRows<'a>,
     /// Positions in the cache, the new rows' included.
     pub keys: usize,
     /// Positions each KV head has room for in `k` and `v` (≥ `keys`).
@@ -143,6 +166,13 @@ fn run_attention(
     for seq in seqs {
         let t = seq.q.len() / qw;
         assert!(
+            matches!(
+                (seq.k, seq.v),
+                (KvRows::F32(_), KvRows::F32(_)) | (KvRows::F16(_), KvRows::F16(_))
+            ),
+            "attention: keys and values of different dtypes"
+        );
+        assert!(
             t <= seq.keys && seq.keys <= seq.capacity,
             "attention: {t} new rows, {} keys, room for {}",
             seq.keys,
@@ -200,21 +230,29 @@ fn run_attention(
         let head = block.kv_head * seq.capacity * hd;
         let span = head + block.keys.start * hd..head + block.keys.end * hd;
         let first_sees = seq.keys - t + block.rows.start + 1;
-        let job = Job {
+        let queries = QueryBlock {
             hd,
             group,
             scale,
             q: &seq.q[block.rows.start * qw..block.rows.end * qw],
             q_stride: qw,
             q_offset: block.kv_head * width,
-            k: &seq.k[span.clone()],
-            v: &seq.v[span],
             first_keys: first_sees.min(block.keys.end) - block.keys.start,
         };
         // SAFETY: a block's slots `slot .. slot + rows` are its own (`slots` above advances
         // past them), inside `partial`, which outlives the parallel loop.
         let out = unsafe { partial_ptr.slice(block.slot * stride, block.rows.len() * stride) };
-        run(kernel, &job, scratch, out)
+        match (seq.k, seq.v) {
+            (KvRows::F32(k), KvRows::F32(v)) => {
+                let (k, v) = (&k[span.clone()], &v[span]);
+                run(kernel, &Job { queries, k, v }, scratch, out)
+            }
+            (KvRows::F16(k), KvRows::F16(v)) => {
+                let (k, v) = (&k[span.clone()], &v[span]);
+                run(kernel, &Job { queries, k, v }, scratch, out)
+            }
+            _ => unreachable!("checked above: keys and values of one dtype"),
+        }
     };
     if own_scratch {
         if scratches.len() < blocks.len() {
@@ -314,11 +352,11 @@ struct Query {
     seen: usize,
 }
 
-/// A block of one sequence's query rows, with the query heads of one KV head, against a span
-/// of that head's keys and values, `[span, hd]`. Query `i` is row `i / group`'s head
-/// `i % group` of the KV head; a row's output is its heads' sums over the values, then each
-/// head's (max, Σ exp).
-struct Job<'a> {
+/// A block of one sequence's query rows, with the query heads of one KV head. Query `i` is
+/// row `i / group`'s head `i % group` of the KV head; a row's output is its heads' sums over
+/// the values, then each head's (max, Σ exp).
+#[derive(Clone, Copy)]
+struct QueryBlock<'a> {
     hd: usize,
     group: usize,
     scale: f32,
@@ -326,23 +364,64 @@ struct Job<'a> {
     q: &'a [f32],
     q_stride: usize,
     q_offset: usize,
-    k: &'a [f32],
-    v: &'a [f32],
     /// Keys of the span the first row sees; each later row sees one more, up to the span.
     first_keys: usize,
 }
 
-impl Job<'_> {
-    fn rows(&self) -> usize {
-        self.q.len() / self.q_stride
+/// A [`QueryBlock`] against a span of its KV head's keys and values, `[span, hd]`.
+struct Job<'a, E> {
+    queries: QueryBlock<'a>,
+    k: &'a [E],
+    v: &'a [E],
+}
+
+impl<'a, E> Deref for Job<'a, E> {
+    type Target = QueryBlock<'a>;
+
+    fn deref(&self) -> &QueryBlock<'a> {
+        &self.queries
+    }
+}
+
+/// An element of a cache row: how it widens to f32.
+trait KvElement: Copy {
+    fn to_f32(self) -> f32;
+    /// 16 elements at `p` as lanes.
+    ///
+    /// # Safety
+    /// As [`Lanes::load`].
+    unsafe fn load<L: Lanes>(p: *const Self) -> L;
+}
+
+impl KvElement for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
     }
 
+    #[inline(always)]
+    unsafe fn load<L: Lanes>(p: *const f32) -> L {
+        // SAFETY: the caller's contract.
+        unsafe { L::load(p) }
+    }
+}
+
+impl KvElement for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    #[inline(always)]
+    unsafe fn load<L: Lanes>(p: *const f16) -> L {
+        // SAFETY: the caller's contract.
+        unsafe { L::load_f16(p) }
+    }
+}
+
+impl<E> Job<'_, E> {
     fn span(&self) -> usize {
         self.k.len() / self.hd
-    }
-
-    fn out_stride(&self) -> usize {
-        self.group * (self.hd + 2)
     }
 
     /// Every query head, in order.
@@ -355,6 +434,16 @@ impl Job<'_> {
             })
         })
     }
+}
+
+impl QueryBlock<'_> {
+    fn rows(&self) -> usize {
+        self.q.len() / self.q_stride
+    }
+
+    fn out_stride(&self) -> usize {
+        self.group * (self.hd + 2)
+    }
 
     /// Where query `i`'s (max, Σ exp) sit in the task's output.
     fn stats_at(&self, i: usize) -> usize {
@@ -363,7 +452,7 @@ impl Job<'_> {
     }
 }
 
-fn run(kernel: Kernel, job: &Job, scratch: &mut Scratch, out: &mut [f32]) {
+fn run<E: KvElement>(kernel: Kernel, job: &Job<E>, scratch: &mut Scratch, out: &mut [f32]) {
     match kernel {
         // SAFETY: the kernel is only picked when the CPU has its features.
         #[cfg(target_arch = "x86_64")]
@@ -372,7 +461,7 @@ fn run(kernel: Kernel, job: &Job, scratch: &mut Scratch, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2 | Kernel::AvxVnni => unsafe { run_avx2(job, scratch, out) },
         // SAFETY: the portable lanes need no feature.
-        _ => unsafe { job_body::<Portable, 2, 2, 4, 1>(job, scratch, out) },
+        _ => unsafe { job_body::<Portable, E, 2, 2, 4, 1>(job, scratch, out) },
     }
 }
 
@@ -380,20 +469,20 @@ fn run(kernel: Kernel, job: &Job, scratch: &mut Scratch, out: &mut [f32]) {
 /// The CPU must support AVX-512F and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn run_avx512(job: &Job, scratch: &mut Scratch, out: &mut [f32]) {
+unsafe fn run_avx512<E: KvElement>(job: &Job<E>, scratch: &mut Scratch, out: &mut [f32]) {
     // SAFETY: the features are this function's own. 16 score accumulators fold at once
     // (`fold16`); 16 value accumulators: 4 query heads × 64 floats.
-    unsafe { job_body::<std::arch::x86_64::__m512, 4, 4, 4, 4>(job, scratch, out) }
+    unsafe { job_body::<std::arch::x86_64::__m512, E, 4, 4, 4, 4>(job, scratch, out) }
 }
 
 /// # Safety
-/// The CPU must support AVX2 and FMA.
+/// The CPU must support AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2(job: &Job, scratch: &mut Scratch, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_avx2<E: KvElement>(job: &Job<E>, scratch: &mut Scratch, out: &mut [f32]) {
     // SAFETY: the features are this function's own. Each accumulator takes two of the 16
     // registers.
-    unsafe { job_body::<x86_lanes::Avx2Lanes, 2, 2, 4, 1>(job, scratch, out) }
+    unsafe { job_body::<x86_lanes::Avx2Lanes, E, 2, 2, 4, 1>(job, scratch, out) }
 }
 
 /// 16 f32 lanes of partial sums in a kernel's registers. A dot product's lane `l` sums the
@@ -406,6 +495,8 @@ unsafe fn run_avx2(job: &Job, scratch: &mut Scratch, out: &mut [f32]) {
 trait Lanes: Copy {
     unsafe fn zero() -> Self;
     unsafe fn load(p: *const f32) -> Self;
+    /// 16 f16 at `p`, widened (exactly).
+    unsafe fn load_f16(p: *const f16) -> Self;
     unsafe fn store(self, p: *mut f32);
     unsafe fn splat(x: f32) -> Self;
     /// `acc + a·b`, rounded once with FMA (the SIMD kernels), twice without.
@@ -436,6 +527,13 @@ impl Lanes for Portable {
     unsafe fn load(p: *const f32) -> Self {
         // SAFETY: the caller's 16 floats.
         Portable(unsafe { p.cast::<[f32; LANES]>().read_unaligned() })
+    }
+
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> Self {
+        // SAFETY: the caller's 16 elements.
+        let halves = unsafe { p.cast::<[f16; LANES]>().read_unaligned() };
+        Portable(halves.map(f16::to_f32))
     }
 
     #[inline(always)]
@@ -486,6 +584,7 @@ impl Lanes for Portable {
 #[cfg(target_arch = "x86_64")]
 mod x86_lanes {
     use super::{Lanes, EXP_MIN, EXP_POLY, LANES, LN2_HI, LN2_LO};
+    use half::f16;
     use std::arch::x86_64::*;
     use std::f32::consts::LOG2_E;
 
@@ -500,6 +599,11 @@ mod x86_lanes {
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
             unsafe { _mm512_loadu_ps(p) }
+        }
+
+        #[inline(always)]
+        unsafe fn load_f16(p: *const f16) -> Self {
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
         }
 
         #[inline(always)]
@@ -613,7 +717,7 @@ mod x86_lanes {
     #[derive(Clone, Copy)]
     pub(super) struct Avx2Lanes(__m256, __m256);
 
-    // SAFETY (every method): AVX2 and FMA, the trait's contract; loads and stores stay in the
+    // SAFETY (every method): AVX2, FMA and F16C, the trait's contract; loads and stores stay in the
     // caller's 16 floats.
     impl Lanes for Avx2Lanes {
         #[inline(always)]
@@ -624,6 +728,16 @@ mod x86_lanes {
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
             unsafe { Avx2Lanes(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(LANES / 2))) }
+        }
+
+        #[inline(always)]
+        unsafe fn load_f16(p: *const f16) -> Self {
+            unsafe {
+                Avx2Lanes(
+                    _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+                    _mm256_cvtph_ps(_mm_loadu_si128(p.add(LANES / 2).cast())),
+                )
+            }
         }
 
         #[inline(always)]
@@ -715,8 +829,15 @@ mod x86_lanes {
 /// # Safety
 /// The CPU has `L`'s features.
 #[inline(always)]
-unsafe fn job_body<L: Lanes, const SQ: usize, const SK: usize, const VQ: usize, const VD: usize>(
-    job: &Job,
+unsafe fn job_body<
+    L: Lanes,
+    E: KvElement,
+    const SQ: usize,
+    const SK: usize,
+    const VQ: usize,
+    const VD: usize,
+>(
+    job: &Job<E>,
     scratch: &mut Scratch,
     out: &mut [f32],
 ) {
@@ -732,7 +853,7 @@ unsafe fn job_body<L: Lanes, const SQ: usize, const SK: usize, const VQ: usize, 
     }
     scores.resize(queries.len() * span, 0.0);
     // SAFETY: the caller's features.
-    unsafe { score_all::<L, SQ, SK>(job, queries, scores) };
+    unsafe { score_all::<L, E, SQ, SK>(job, queries, scores) };
     for (i, query) in queries.iter().enumerate() {
         let p = &mut scores[i * span..][..query.seen];
         let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -767,7 +888,7 @@ unsafe fn job_body<L: Lanes, const SQ: usize, const SK: usize, const VQ: usize, 
         out[job.stats_at(i) + 1] = sum;
     }
     // SAFETY: as above.
-    unsafe { weigh_all::<L, VQ, VD>(job, queries, scores, out) };
+    unsafe { weigh_all::<L, E, VQ, VD>(job, queries, scores, out) };
 }
 
 /// [`exp_minus`] clamps its argument here, where `2ᵏ` is still a normal f32: a weight below
@@ -828,8 +949,8 @@ fn sums_in_order<const N: usize>(rows: [&[f32]; N]) -> [f32; N] {
 /// # Safety
 /// The CPU has `L`'s features.
 #[inline(always)]
-unsafe fn score_all<L: Lanes, const QT: usize, const KT: usize>(
-    job: &Job,
+unsafe fn score_all<L: Lanes, E: KvElement, const QT: usize, const KT: usize>(
+    job: &Job<E>,
     queries: &[Query],
     scores: &mut [f32],
 ) {
@@ -856,10 +977,10 @@ unsafe fn score_all<L: Lanes, const QT: usize, const KT: usize>(
                 // SAFETY: the caller's features.
                 unsafe {
                     match (tile == QT, keys == KT) {
-                        (true, true) => score_tile::<L, QT, KT>(job, queries, j, scores),
-                        (true, false) => score_tile::<L, QT, 1>(job, queries, j, scores),
-                        (false, true) => score_tile::<L, 1, KT>(job, queries, j, scores),
-                        (false, false) => score_tile::<L, 1, 1>(job, queries, j, scores),
+                        (true, true) => score_tile::<L, E, QT, KT>(job, queries, j, scores),
+                        (true, false) => score_tile::<L, E, QT, 1>(job, queries, j, scores),
+                        (false, true) => score_tile::<L, E, 1, KT>(job, queries, j, scores),
+                        (false, false) => score_tile::<L, E, 1, 1>(job, queries, j, scores),
                     }
                 }
             }
@@ -875,8 +996,8 @@ const PREFETCH_KEYS: usize = 8;
 /// Hints the cache lines of `rows[range]` in (see [`super::prefetch`]); past the end of
 /// `rows` is harmless.
 #[inline(always)]
-fn prefetch_rows(rows: &[f32], range: std::ops::Range<usize>, to_l2: bool) {
-    for at in range.step_by(64 / size_of::<f32>()) {
+fn prefetch_rows<E>(rows: &[E], range: std::ops::Range<usize>, to_l2: bool) {
+    for at in range.step_by(64 / size_of::<E>()) {
         super::prefetch(rows.as_ptr().wrapping_add(at), to_l2);
     }
 }
@@ -886,8 +1007,8 @@ fn prefetch_rows(rows: &[f32], range: std::ops::Range<usize>, to_l2: bool) {
 /// # Safety
 /// The CPU has `L`'s features.
 #[inline(always)]
-unsafe fn score_tile<L: Lanes, const QT: usize, const KT: usize>(
-    job: &Job,
+unsafe fn score_tile<L: Lanes, E: KvElement, const QT: usize, const KT: usize>(
+    job: &Job<E>,
     queries: &[Query],
     j: usize,
     scores: &mut [f32],
@@ -910,7 +1031,7 @@ unsafe fn score_tile<L: Lanes, const QT: usize, const KT: usize>(
                 *lanes = L::load(q.as_ptr().add(c));
             }
             for (b, lanes) in keys.iter_mut().enumerate() {
-                *lanes = L::load(k.as_ptr().add(b * hd + c));
+                *lanes = E::load(k.as_ptr().add(b * hd + c));
             }
             for (acc, &q) in acc.iter_mut().zip(&queries) {
                 for (acc, &k) in acc.iter_mut().zip(&keys) {
@@ -923,7 +1044,7 @@ unsafe fn score_tile<L: Lanes, const QT: usize, const KT: usize>(
     for (a, sums) in sums.iter_mut().enumerate() {
         for (b, sum) in sums.iter_mut().enumerate().filter(|_| full < hd) {
             let tail = q[a][full..].iter().zip(&k[b * hd + full..][..hd - full]);
-            *sum = tail.fold(*sum, |s, (&x, &y)| s + x * y);
+            *sum = tail.fold(*sum, |s, (&x, &y)| s + x * y.to_f32());
         }
         for (score, &sum) in scores[a * span..][..KT].iter_mut().zip(sums.iter()) {
             *score = sum * job.scale;
@@ -936,8 +1057,8 @@ unsafe fn score_tile<L: Lanes, const QT: usize, const KT: usize>(
 /// # Safety
 /// The CPU has `L`'s features.
 #[inline(always)]
-unsafe fn weigh_all<L: Lanes, const QT: usize, const DT: usize>(
-    job: &Job,
+unsafe fn weigh_all<L: Lanes, E: KvElement, const QT: usize, const DT: usize>(
+    job: &Job<E>,
     queries: &[Query],
     p: &[f32],
     out: &mut [f32],
@@ -968,10 +1089,10 @@ unsafe fn weigh_all<L: Lanes, const QT: usize, const DT: usize>(
                 // above.
                 unsafe {
                     match (tile == QT, strips == DT) {
-                        (true, true) => weigh_tile::<L, QT, DT>(job, queries, p, d, keys, out),
-                        (true, false) => weigh_tile::<L, QT, 1>(job, queries, p, d, keys, out),
-                        (false, true) => weigh_tile::<L, 1, DT>(job, queries, p, d, keys, out),
-                        (false, false) => weigh_tile::<L, 1, 1>(job, queries, p, d, keys, out),
+                        (true, true) => weigh_tile::<L, E, QT, DT>(job, queries, p, d, keys, out),
+                        (true, false) => weigh_tile::<L, E, QT, 1>(job, queries, p, d, keys, out),
+                        (false, true) => weigh_tile::<L, E, 1, DT>(job, queries, p, d, keys, out),
+                        (false, false) => weigh_tile::<L, E, 1, 1>(job, queries, p, d, keys, out),
                     }
                 }
                 d += strips * LANES;
@@ -983,7 +1104,7 @@ unsafe fn weigh_all<L: Lanes, const QT: usize, const DT: usize>(
         let (query, p) = (std::slice::from_ref(query), &p[i * span..]);
         for d in (0..full).step_by(LANES) {
             // SAFETY: as above.
-            unsafe { weigh_tile::<L, 1, 1>(job, query, p, d, common..query[0].seen, out) };
+            unsafe { weigh_tile::<L, E, 1, 1>(job, query, p, d, common..query[0].seen, out) };
         }
     }
     // Elements past the last 16.
@@ -993,7 +1114,7 @@ unsafe fn weigh_all<L: Lanes, const QT: usize, const DT: usize>(
         let p = &p[i * span..][..query.seen];
         for (&p, v) in p.iter().zip(job.v.chunks_exact(hd)) {
             for (a, &v) in acc[full..].iter_mut().zip(&v[full..]) {
-                *a = L::mul_add_scalar(p, v, *a);
+                *a = L::mul_add_scalar(p, v.to_f32(), *a);
             }
         }
     }
@@ -1009,8 +1130,8 @@ const VALUE_KEYS: usize = 32;
 /// # Safety
 /// The CPU has `L`'s features; keys within the span and elements within each query's sum.
 #[inline(always)]
-unsafe fn weigh_tile<L: Lanes, const QT: usize, const DT: usize>(
-    job: &Job,
+unsafe fn weigh_tile<L: Lanes, E: KvElement, const QT: usize, const DT: usize>(
+    job: &Job<E>,
     queries: &[Query],
     p: &[f32],
     d: usize,
@@ -1034,7 +1155,7 @@ unsafe fn weigh_tile<L: Lanes, const QT: usize, const DT: usize>(
         for j in keys {
             let row = job.v.as_ptr().add(j * hd + d);
             for (s, v) in v.iter_mut().enumerate() {
-                *v = L::load(row.add(s * LANES));
+                *v = E::load(row.add(s * LANES));
             }
             for (a, acc) in acc.iter_mut().enumerate() {
                 let p = L::splat(*p.add(a * span + j));
@@ -1060,16 +1181,25 @@ mod tests {
         (0..n).map(|_| rng.random_range(-2.0..2.0)).collect()
     }
 
-    /// Plain f64 attention of one row's head.
+    /// The rows of an f32 cache.
+    fn f32_rows(rows: KvRows<'_>) -> &[f32] {
+        match rows {
+            KvRows::F32(rows) => rows,
+            KvRows::F16(_) => panic!("an f32 cache was expected"),
+        }
+    }
+
+    /// Plain f64 attention of one row's head over an f32 cache.
     fn reference(shape: AttentionShape, seq: &SeqAttention, row: usize, head: usize) -> Vec<f64> {
         let (hd, cap, qw) = (shape.head_dim, seq.capacity, shape.q_width());
+        let (k, v) = (f32_rows(seq.k), f32_rows(seq.v));
         let t = seq.q.len() / qw;
         let visible = seq.keys - t + row + 1;
         let g = head / shape.group();
         let q = &seq.q[row * qw + head * hd..][..hd];
         let scores: Vec<f64> = (0..visible)
             .map(|j| {
-                let k = &seq.k[(g * cap + j) * hd..][..hd];
+                let k = &k[(g * cap + j) * hd..][..hd];
                 q.iter()
                     .zip(k)
                     .map(|(&a, &b)| a as f64 * b as f64)
@@ -1083,7 +1213,7 @@ mod tests {
         (0..hd)
             .map(|d| {
                 (0..visible)
-                    .map(|j| e[j] * seq.v[(g * cap + j) * hd + d] as f64)
+                    .map(|j| e[j] * v[(g * cap + j) * hd + d] as f64)
                     .sum::<f64>()
                     / sum
             })
@@ -1203,8 +1333,8 @@ mod tests {
                 .iter()
                 .map(|(q, k, v, keys)| SeqAttention {
                     q,
-                    k,
-                    v,
+                    k: KvRows::F32(k),
+                    v: KvRows::F32(v),
                     keys: *keys,
                     capacity: keys + 3,
                 })
@@ -1245,6 +1375,59 @@ mod tests {
         }
     }
 
+    /// f16 rows widen exactly as they load: every kernel gives an f16 cache the bits of the
+    /// f32 cache holding the same rounded values (scores, the value sums and the tails past
+    /// the last 16 elements all read the rows).
+    #[test]
+    fn an_f16_cache_is_the_f32_cache_of_its_rounded_rows() {
+        let mut rng = StdRng::seed_from_u64(8);
+        // Widths with and without a tail; 300 keys cross KEY_CHUNK; 5 rows take the
+        // prefill tiles.
+        for (heads, kv_heads, head_dim, t) in [(4, 2, 16, 1), (6, 2, 40, 5), (8, 1, 128, 1)] {
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
+            };
+            let (keys, capacity) = (300, 320);
+            let q = random(&mut rng, t * shape.q_width());
+            let half: Vec<f16> = random(&mut rng, 2 * capacity * shape.kv_width())
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
+            let widened: Vec<f32> = half.iter().map(|x| x.to_f32()).collect();
+            let (k16, v16) = half.split_at(half.len() / 2);
+            let (k32, v32) = widened.split_at(widened.len() / 2);
+            let seq32 = SeqAttention {
+                q: &q,
+                k: k32.into(),
+                v: v32.into(),
+                keys,
+                capacity,
+            };
+            let seq16 = SeqAttention {
+                k: k16.into(),
+                v: v16.into(),
+                ..seq32
+            };
+            for &kernel in Kernel::available() {
+                let mut y32 = vec![f32::NAN; q.len()];
+                attend_with(kernel, shape, &[seq32], &mut y32);
+                let mut y16 = vec![f32::NAN; q.len()];
+                attend_with(kernel, shape, &[seq16], &mut y16);
+                assert!(y32.iter().all(|y| y.is_finite() && *y != 0.0), "{kernel:?}");
+                let same = y16
+                    .iter()
+                    .zip(&y32)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{kernel:?} {shape:?}: f16 rows differ from their f32 widening"
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_row_does_not_depend_on_the_other_sequences() {
         let mut rng = StdRng::seed_from_u64(6);
@@ -1261,15 +1444,15 @@ mod tests {
         let (q2, k2) = (random(&mut rng, 3 * 128), random(&mut rng, 64 * 32));
         let alone = SeqAttention {
             q: &q,
-            k: &k,
-            v: &v,
+            k: KvRows::F32(&k),
+            v: KvRows::F32(&v),
             keys: 50,
             capacity: 64,
         };
         let other = SeqAttention {
             q: &q2,
-            k: &k2,
-            v: &v,
+            k: KvRows::F32(&k2),
+            v: KvRows::F32(&v),
             keys: 9,
             capacity: 64,
         };
@@ -1299,8 +1482,8 @@ mod tests {
             let v = random(&mut rng, capacity * shape.kv_width());
             let prefill = SeqAttention {
                 q: &q,
-                k: &k,
-                v: &v,
+                k: KvRows::F32(&k),
+                v: KvRows::F32(&v),
                 keys,
                 capacity,
             };

@@ -32,7 +32,8 @@ mod x86;
 
 pub use activation::Relu2Product;
 pub use attention::{
-    attend, attend_in, attend_with, rope_in_place, AttentionShape, AttentionWork, SeqAttention,
+    attend, attend_in, attend_with, rope_in_place, AttentionShape, AttentionWork, KvRows,
+    SeqAttention,
 };
 pub use compact_head::{matmul_compact, matmul_compact_in, CompactBf16Head, MatmulCompactHead};
 pub use head::{
@@ -195,7 +196,12 @@ impl Kernel {
     fn detect(self) -> bool {
         match self {
             Kernel::Portable => true,
-            Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            // F16C (every AVX2 CPU has it) widens f16 KV caches.
+            Kernel::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
             Kernel::AvxVnni => {
                 std::env::var_os(AVX_VNNI_ENV).is_none_or(|v| v != "0")
                     && Kernel::Avx2.detect()
