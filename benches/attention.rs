@@ -3,12 +3,14 @@
 //! sequence and for decode (one row per sequence). Each line prints the median time per call
 //! and GFLOP/s (2 multiply-adds per query head, key and dimension: q·k and p·v); the "30
 //! layers" cases rotate through 30 caches, one per layer of the model, so their keys and
-//! values come from DRAM as in a decode step (GB/s: cache bytes read per call). Threads:
+//! values come from DRAM as in a decode step (GB/s: cache bytes read per call). Each kernel
+//! runs over an f32 cache and over an f16 one (`KvDtype::F16`, opt-in). Threads:
 //! rayon's default unless RAYON_NUM_THREADS says otherwise. Arguments narrow the run to the
 //! cases whose name contains one of them (`-- prefill`).
 
 use candle_bitnet::ops::cpu::{attend_with, AttentionShape, Kernel, SeqAttention};
 use candle_bitnet::synthetic::uniform_f32;
+use half::f16;
 use std::time::Instant;
 
 const SHAPE: AttentionShape = AttentionShape {
@@ -69,7 +71,10 @@ fn main() {
                 )
             })
             .collect();
-        let copy_seqs: Vec<SeqAttention> = data
+        let data16: Vec<_> = (data.iter())
+            .map(|(_, k, v)| [k, v].map(|rows| rows.iter().map(|&x| f16::from_f32(x)).collect()))
+            .collect::<Vec<[Vec<f16>; 2]>>();
+        let f32_seqs: Vec<SeqAttention> = data
             .iter()
             .map(|(q, k, v)| SeqAttention {
                 q,
@@ -79,8 +84,17 @@ fn main() {
                 capacity: keys,
             })
             .collect();
-        let copies: Vec<&[SeqAttention]> = copy_seqs.chunks(n_seqs).collect();
-        let cache_bytes = 2 * keys * SHAPE.kv_width() * n_seqs * size_of::<f32>();
+        let f16_seqs: Vec<SeqAttention> = (f32_seqs.iter().zip(&data16))
+            .map(|(seq, [k, v])| SeqAttention {
+                k: k.as_slice().into(),
+                v: v.as_slice().into(),
+                ..*seq
+            })
+            .collect();
+        let caches = [
+            ("f32", f32_seqs.chunks(n_seqs).collect::<Vec<_>>(), 4),
+            ("f16", f16_seqs.chunks(n_seqs).collect::<Vec<_>>(), 2),
+        ];
         let visible: usize = (0..rows).map(|i| before + i + 1).sum::<usize>() * n_seqs;
         let flops = 4.0 * (visible * SHAPE.heads * SHAPE.head_dim) as f64;
         let mut y = vec![0f32; n_seqs * rows * SHAPE.q_width()];
@@ -89,15 +103,18 @@ fn main() {
             if kernel == Kernel::Portable && visible > 128 * 129 / 2 {
                 continue;
             }
-            let secs =
-                median_secs(|i| attend_with(kernel, SHAPE, copies[i % copies.len()], &mut y));
-            println!(
-                "  {name:<26} {:<12} {:>9.3} ms {:>7.1} GFLOP/s {:>7.1} GB/s",
-                format!("{kernel:?}"),
-                secs * 1e3,
-                flops / secs / 1e9,
-                cache_bytes as f64 / secs / 1e9
-            );
+            for (dtype, copies, element_bytes) in &caches {
+                let cache_bytes = 2 * keys * SHAPE.kv_width() * n_seqs * element_bytes;
+                let secs =
+                    median_secs(|i| attend_with(kernel, SHAPE, copies[i % copies.len()], &mut y));
+                println!(
+                    "  {name:<26} {:<16} {:>9.3} ms {:>7.1} GFLOP/s {:>7.1} GB/s",
+                    format!("{kernel:?} {dtype}"),
+                    secs * 1e3,
+                    flops / secs / 1e9,
+                    cache_bytes as f64 / secs / 1e9
+                );
+            }
         }
     }
 }
