@@ -30,8 +30,21 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// A deadlock (a barrier or shuffle that not every thread reaches) shows up as this.
-const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// A deadlock (a barrier or shuffle that not every thread reaches) leaves the driver's
+/// threads asleep: no CPU time for this long. A launch that is only slow, on a busy machine,
+/// keeps using CPU (one took over 60 s of wall time with two builds beside it).
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Where `/proc` cannot tell CPU time, a launch that runs this long counts as a deadlock.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// User plus system CPU time (clock ticks) of process `pid`, from `/proc/<pid>/stat`.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces: the
+    // state is field 3, utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
 
 // ---- the driver ----
 
@@ -157,13 +170,23 @@ fn run(exe: &Path, kernel: &str, Launch { grid, block }: Launch, args: Vec<Arg>)
     }
     let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
     let started = Instant::now();
+    let (mut ticks, mut progressed) = (cpu_ticks(child.id()), started);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        if started.elapsed() > LAUNCH_TIMEOUT {
+        let now_ticks = cpu_ticks(child.id());
+        if now_ticks != ticks {
+            (ticks, progressed) = (now_ticks, Instant::now());
+        }
+        let stalled = ticks.is_some() && progressed.elapsed() > STALL_TIMEOUT;
+        if stalled || started.elapsed() > LAUNCH_TIMEOUT {
             child.kill().unwrap();
-            panic!("{kernel} {grid:?}x{block}: no end after {LAUNCH_TIMEOUT:?} (a deadlock?)");
+            panic!(
+                "{kernel} {grid:?}x{block}: no end after {:?}, no CPU time used for {:?} (a deadlock?)",
+                started.elapsed(),
+                progressed.elapsed()
+            );
         }
         std::thread::sleep(Duration::from_millis(2));
     };
