@@ -210,6 +210,8 @@ pub struct BenchReport {
     pub dense: Option<Throughput>,
     /// Bytes read + written per second by a large copy on the device.
     pub measured_bandwidth_bytes_per_s: f64,
+    /// `VmRSS` once the ternary model is built: what it holds.
+    pub rss_after_load_bytes: Option<u64>,
     /// `VmHWM` after the ternary model ran, before the copy and the dense baseline.
     pub peak_rss_bytes: Option<u64>,
     /// `VmHWM` at the end of the run.
@@ -266,6 +268,7 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
 
     bar.set_message("building ternary model");
     let model = synthetic::build(&cfg, opts.seed, dtype, device)?.with_kv_dtype(opts.kv_dtype)?;
+    let rss_after_load_bytes = proc_status_bytes("VmRSS");
     let (ternary_weights, packed_bytes) = model.bitlinears().iter().fold((0, 0), |(n, b), l| {
         (n + l.in_features() * l.out_features(), b + l.weight_bytes())
     });
@@ -330,6 +333,7 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
         dense_dtype: dtype,
         dense,
         measured_bandwidth_bytes_per_s,
+        rss_after_load_bytes,
         peak_rss_bytes,
         peak_rss_with_dense_bytes: peak_rss(),
         batch_decode,
@@ -554,8 +558,15 @@ pub fn copy_bandwidth(device: &Device, bytes: usize) -> Result<f64> {
 
 /// `VmHWM` (peak resident set) of this process; `None` where `/proc` does not exist.
 pub fn peak_rss() -> Option<u64> {
+    proc_status_bytes("VmHWM")
+}
+
+/// A `kB` line of `/proc/self/status`, in bytes.
+fn proc_status_bytes(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
@@ -616,6 +627,7 @@ impl BenchReport {
             "measured_bandwidth_bytes_per_s": bw,
             "bandwidth_fraction": self.bandwidth_fraction(),
             "dense_bandwidth_fraction": dense.map(|d| d.bandwidth_fraction(bw)),
+            "rss_after_load_bytes": self.rss_after_load_bytes,
             "peak_rss_bytes": self.peak_rss_bytes,
             "peak_rss_with_dense_bytes": self.peak_rss_with_dense_bytes,
             "batch_decode": self.batch_decode.iter().map(|b| serde_json::json!({
@@ -718,10 +730,11 @@ impl BenchReport {
         let rss = |r: Option<u64>| r.map(|r| gb(r as f64)).unwrap_or_else(|| "n/a".into());
         out += &format!(
             "\nternary bits per weight in memory: {:.3}; measured copy bandwidth: {:.1} GB/s \
-             (read + write); peak RSS: {} ternary, {} at the end; decode: {} tokens after the \
-             shortest prompt\n",
+             (read + write); RSS {} after load, peak {} ternary, {} at the end; decode: {} \
+             tokens after the shortest prompt\n",
             self.ternary_bits_per_weight,
             bw / 1e9,
+            rss(self.rss_after_load_bytes),
             rss(self.peak_rss_bytes),
             rss(self.peak_rss_with_dense_bytes),
             self.decode_tokens,

@@ -3,8 +3,9 @@
 //! Whatever the checkpoint stores — packed U8 codes with `weight_scale` (offline) or latent
 //! float weights (online, ternarized here once with per-tensor absmean) — the layer ends up in
 //! the one layout documented in [`crate::quant`]: `[out/4, in]` U8 on the model's device. On
-//! the CPU the layer also converts them once to the tiles its kernels read
-//! ([`crate::ops::cpu::TernaryTiles`]).
+//! the CPU the layer converts them once to the tiles its kernels read
+//! ([`crate::ops::cpu::TernaryTiles`]) and keeps only those: one copy of the codes, 2 bits a
+//! weight, on every device.
 
 use crate::config::{Config, LinearClass, QuantizationMode};
 use crate::norm::RmsNorm;
@@ -16,10 +17,7 @@ use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct BitLinear {
-    /// `[out/4, in]` U8 packed codes.
-    weight: Tensor,
-    /// On the CPU, the same codes in the layout its kernels read (converted once, at load).
-    tiles: Option<Arc<TernaryTiles>>,
+    codes: Codes,
     /// The dense baseline only ([`Self::to_dense`]): `[out, in]` effective weights.
     dense: Option<Tensor>,
     /// Divisor of the i32 accumulator besides the activation scale.
@@ -29,6 +27,36 @@ pub struct BitLinear {
     /// `quantization_config.use_rms_norm`: an RMSNorm on the input before quantization.
     input_norm: Option<RmsNorm>,
     span: tracing::Span,
+}
+
+/// A layer's ternary codes, held once.
+#[derive(Debug, Clone)]
+enum Codes {
+    /// `[out/4, in]` U8 packed codes, on a device other than the CPU.
+    Packed(Tensor),
+    /// On the CPU, the layout its kernels read: the layer's own tiles, or its view of the
+    /// tiles it shares with the other projections of its input ([`BitLinearGroup`]).
+    Tiles(Arc<TernaryTiles>),
+}
+
+impl Codes {
+    /// Packed codes `[out/4, in]` U8 on `device`, as the device's kernels read them.
+    fn new(packed: Tensor, device: &Device) -> Result<Self> {
+        if !device.is_cpu() {
+            return Ok(Self::Packed(packed.to_device(device)?));
+        }
+        let (r, in_features) = packed.dims2()?;
+        let bytes = packed.flatten_all()?.to_vec1::<u8>()?;
+        let tiles = TernaryTiles::from_packed(&bytes, in_features, 4 * r)?;
+        Ok(Self::Tiles(Arc::new(tiles)))
+    }
+
+    fn tiles(&self) -> Option<&Arc<TernaryTiles>> {
+        match self {
+            Self::Tiles(tiles) => Some(tiles),
+            Self::Packed(_) => None,
+        }
+    }
 }
 
 impl BitLinear {
@@ -77,16 +105,14 @@ impl BitLinear {
                 (packed, w_div)
             }
         };
-        let weight = packed.to_device(vb.device())?;
-        let tiles = cpu_tiles(&weight)?;
+        let codes = Codes::new(packed, vb.device())?;
         let input_norm = match cfg.bitlinear_input_norm_eps() {
             Some(eps) => Some(RmsNorm::new(in_features, eps, vb.pp("rms_norm"))?),
             None => None,
         };
         let span = tracing::span!(tracing::Level::TRACE, "bitlinear");
         Ok(Self {
-            weight,
-            tiles,
+            codes,
             dense: None,
             w_div,
             in_features,
@@ -96,7 +122,8 @@ impl BitLinear {
         })
     }
 
-    /// Builds a layer from packed codes `[out/4, in]` (U8) and its accumulator divisor.
+    /// Builds a layer from packed codes `[out/4, in]` (U8) and its accumulator divisor, on
+    /// their device.
     pub fn from_packed(weight: Tensor, w_div: f32) -> Result<Self> {
         let (r, in_features) = weight.dims2()?;
         if weight.dtype() != DType::U8 {
@@ -109,9 +136,9 @@ impl BitLinear {
             bail!("weight scale divisor {w_div} must be finite and non-zero")
         }
         let span = tracing::span!(tracing::Level::TRACE, "bitlinear");
+        let device = weight.device().clone();
         Ok(Self {
-            tiles: cpu_tiles(&weight)?,
-            weight,
+            codes: Codes::new(weight, &device)?,
             dense: None,
             w_div,
             in_features,
@@ -129,9 +156,17 @@ impl BitLinear {
         self.out_features
     }
 
-    /// The packed codes, `[out/4, in]` U8.
-    pub fn packed_weight(&self) -> &Tensor {
-        &self.weight
+    /// The packed codes, `[out/4, in]` U8 on the layer's device. On the CPU they are
+    /// rebuilt from the tiles the layer holds instead (a copy, for export and baselines).
+    pub fn packed_weight(&self) -> Result<Tensor> {
+        match &self.codes {
+            Codes::Packed(weight) => Ok(weight.clone()),
+            Codes::Tiles(tiles) => Tensor::from_vec(
+                tiles.packed(),
+                (self.out_features / 4, self.in_features),
+                &Device::Cpu,
+            ),
+        }
     }
 
     pub fn w_div(&self) -> f32 {
@@ -142,7 +177,7 @@ impl BitLinear {
     /// expanded to dense `dtype` floats on the layer's device, multiplied by candle's matmul after
     /// fake-quantizing the activations. For benchmarks; numerically close, not bit-identical.
     pub fn to_dense(&self, dtype: DType) -> Result<Self> {
-        let dense = crate::ops::dequantize(&self.weight, self.w_div, dtype)?;
+        let dense = crate::ops::dequantize(&self.packed_weight()?, self.w_div, dtype)?;
         Ok(Self {
             dense: Some(dense),
             ..self.clone()
@@ -153,7 +188,10 @@ impl BitLinear {
     pub fn weight_bytes(&self) -> usize {
         match &self.dense {
             Some(d) => d.elem_count() * d.dtype().size_in_bytes(),
-            None => self.weight.elem_count(),
+            None => match &self.codes {
+                Codes::Packed(weight) => weight.elem_count(),
+                Codes::Tiles(tiles) => tiles.bytes(),
+            },
         }
     }
 }
@@ -166,9 +204,10 @@ impl BitLinear {
 #[derive(Debug, Clone)]
 pub struct BitLinearGroup {
     parts: Vec<BitLinear>,
-    /// CPU: the parts' tiles side by side (the parts then hold none).
+    /// CPU: the parts' tiles side by side (each part holds its view of them).
     tiles: Option<Arc<TernaryTiles>>,
-    /// The parts' packed codes stacked, `[Σ out/4, in]`; each part's weight is a view of it.
+    /// Other devices: the parts' packed codes stacked, `[Σ out/4, in]`; each part's weight is
+    /// a view of it.
     stacked: Option<Tensor>,
     /// Each part's `w_div`, in order.
     w_divs: Vec<f32>,
@@ -179,37 +218,46 @@ impl BitLinearGroup {
         let fusable = parts
             .iter()
             .all(|p| p.input_norm.is_none() && p.dense.is_none());
-        let tiles: Option<Vec<&TernaryTiles>> = parts.iter().map(|p| p.tiles.as_deref()).collect();
+        let tiles: Option<Vec<&TernaryTiles>> = parts
+            .iter()
+            .map(|p| p.codes.tiles().map(|t| &**t))
+            .collect();
         let tiles = match tiles {
             Some(tiles) if fusable && parts.len() > 1 => {
                 Some(Arc::new(TernaryTiles::concat(&tiles)?))
             }
             _ => None,
         };
-        // The tiles the model keeps go on huge pages, once: the parts' own are dropped when
-        // they were concatenated.
+        // The tiles the model keeps go on huge pages, once; a part's own are dropped for its
+        // view of the joint ones.
         match &tiles {
             Some(tiles) => {
                 tiles.back_with_huge_pages();
-                for p in &mut parts {
-                    p.tiles = None;
+                for (i, p) in parts.iter_mut().enumerate() {
+                    p.codes = Codes::Tiles(Arc::new(tiles.segment(i)?));
                 }
             }
-            None => (parts.iter().filter_map(|p| p.tiles.as_deref()))
-                .for_each(TernaryTiles::back_with_huge_pages),
+            None => (parts.iter().filter_map(|p| p.codes.tiles()))
+                .for_each(|t| t.back_with_huge_pages()),
         }
-        let stacked = if fusable {
-            let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
-            let stacked = Tensor::cat(&weights, 0)?;
-            let mut at = 0;
-            for p in &mut parts {
-                let r = p.out_features / 4;
-                p.weight = stacked.narrow(0, at, r)?;
-                at += r;
+        let packed: Option<Vec<&Tensor>> = (parts.iter())
+            .map(|p| match &p.codes {
+                Codes::Packed(weight) => Some(weight),
+                Codes::Tiles(_) => None,
+            })
+            .collect();
+        let stacked = match packed {
+            Some(weights) if fusable => {
+                let stacked = Tensor::cat(&weights, 0)?;
+                let mut at = 0;
+                for p in &mut parts {
+                    let r = p.out_features / 4;
+                    p.codes = Codes::Packed(stacked.narrow(0, at, r)?);
+                    at += r;
+                }
+                Some(stacked)
             }
-            Some(stacked)
-        } else {
-            None
+            _ => None,
         };
         let w_divs = parts.iter().map(|p| p.w_div).collect();
         Ok(Self {
@@ -229,30 +277,28 @@ impl BitLinearGroup {
         }
         let tiles = match (&self.tiles, self.parts.as_slice()) {
             (Some(tiles), _) => &**tiles,
-            (None, [part]) => part.tiles.as_deref()?,
+            (None, [part]) => &**part.codes.tiles()?,
             (None, _) => return None,
         };
         Some((tiles, &self.w_divs))
     }
 
-    /// Whether [`Self::forward_quantized`] can run: stacked codes, at most as many matrices
-    /// as one launch takes.
+    /// Whether [`Self::forward_quantized`] can run: stacked codes (on the CPU, one set of
+    /// tiles), at most as many matrices as one launch takes.
     pub fn is_stacked(&self) -> bool {
-        self.stacked.is_some() && self.parts.len() <= crate::ops::MAX_SEGMENTS
+        (self.stacked.is_some() || self.cpu_tiles().is_some())
+            && self.parts.len() <= crate::ops::MAX_SEGMENTS
     }
 
     /// The parts' outputs side by side, `[rows, Σ out]` in `dtype`, from activations quantized
     /// once ([`crate::ops::rms_norm_quantize`]); with `residual: [rows, Σ out]`, `residual + y`.
-    /// One launch on CUDA.
+    /// One launch on CUDA; on the CPU, the tile kernels.
     pub fn forward_quantized(
         &self,
         acts: &crate::ops::QuantizedActivations,
         residual: Option<&Tensor>,
         dtype: DType,
     ) -> Result<Tensor> {
-        let Some(stacked) = &self.stacked else {
-            bail!("forward_quantized: the projections' codes are not stacked")
-        };
         let segments: Vec<crate::ops::Segment> = (self.parts.iter())
             .map(|p| crate::ops::Segment {
                 out_features: p.out_features,
@@ -260,7 +306,15 @@ impl BitLinearGroup {
             })
             .collect();
         crate::profile::timed(crate::profile::Stage::Projections, || {
-            crate::ops::bitlinear_quantized(acts, stacked, &segments, residual, dtype)
+            match (&self.stacked, self.cpu_tiles()) {
+                (Some(stacked), _) => {
+                    crate::ops::bitlinear_quantized(acts, stacked, &segments, residual, dtype)
+                }
+                (None, Some((tiles, w_divs))) => {
+                    crate::ops::bitlinear_quantized_tiles(acts, tiles, w_divs, residual, dtype)
+                }
+                (None, None) => bail!("forward_quantized: the projections' codes are not stacked"),
+            }
         })
     }
 
@@ -370,23 +424,12 @@ impl BitLinear {
         };
         match &self.dense {
             Some(w) => fake_quantize(x)?.broadcast_matmul(&w.t()?),
-            None => match &self.tiles {
-                Some(tiles) => crate::ops::bitlinear_tiles(x, tiles, self.w_div),
-                None => crate::ops::bitlinear(x, &self.weight, self.w_div),
+            None => match &self.codes {
+                Codes::Tiles(tiles) => crate::ops::bitlinear_tiles(x, tiles, self.w_div),
+                Codes::Packed(weight) => crate::ops::bitlinear(x, weight, self.w_div),
             },
         }
     }
-}
-
-/// The CPU kernels' copy of CPU-resident codes `[out/4, in]`; other devices read them as they are.
-fn cpu_tiles(weight: &Tensor) -> Result<Option<Arc<TernaryTiles>>> {
-    if !weight.device().is_cpu() {
-        return Ok(None);
-    }
-    let (r, in_features) = weight.dims2()?;
-    let bytes = weight.flatten_all()?.to_vec1::<u8>()?;
-    let tiles = TernaryTiles::from_packed(&bytes, in_features, 4 * r)?;
-    Ok(Some(Arc::new(tiles)))
 }
 
 /// Refuses packed bytes holding the code 3, which no packer writes: a corrupt file.

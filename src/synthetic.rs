@@ -245,7 +245,9 @@ pub fn embedding_dtype(dtype: DType, device: &Device) -> DType {
 pub fn build(cfg: &Config, seed: u64, dtype: DType, device: &Device) -> Result<BitnetModel> {
     let map = tensors(cfg, seed, dtype, device)?;
     let vb = VarBuilder::from_tensors(map, dtype, device);
-    BitnetModel::new_with_head_dtype(cfg, vb, embedding_dtype(dtype, device))
+    let model = BitnetModel::new_with_head_dtype(cfg, vb, embedding_dtype(dtype, device))?;
+    crate::ops::cpu::release_free_memory();
+    Ok(model)
 }
 
 /// `len` seeded random token ids below `vocab`: a prompt for benchmarks.

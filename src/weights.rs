@@ -209,7 +209,9 @@ pub fn load_model(
         crate::HeadDtype::Int8 => model.with_int8_head().map_err(model_fault)?,
         crate::HeadDtype::Auto | crate::HeadDtype::Compute => model,
     };
-    model.with_kv_dtype(opts.kv).map_err(model_fault)
+    let model = model.with_kv_dtype(opts.kv).map_err(model_fault)?;
+    crate::ops::cpu::release_free_memory();
+    Ok(model)
 }
 
 /// Loads `config.json` and the weights of a checkpoint directory in the hub layout as a

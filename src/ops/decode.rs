@@ -416,6 +416,34 @@ pub fn bitlinear_quantized(
     }
 }
 
+/// [`bitlinear_quantized`] on the CPU's tiles ([`super::cpu::TernaryTiles::from_segments`],
+/// one `w_div` per segment) instead of stacked packed codes: the kernels' sums are exact, so
+/// the outputs are the same bits.
+pub fn bitlinear_quantized_tiles(
+    acts: &QuantizedActivations,
+    tiles: &super::cpu::TernaryTiles,
+    w_divs: &[f32],
+    residual: Option<&Tensor>,
+    dtype: DType,
+) -> Result<Tensor> {
+    count_call();
+    if !acts.data.device().is_cpu() {
+        bail!("bitlinear_quantized_tiles: the activations are not on the CPU")
+    }
+    let (codes, scales, sums) = acts.to_parts()?;
+    let k = acts.in_features;
+    let rows =
+        super::cpu::QuantizedRows::from_parts(&codes, acts.padded_in_features(), k, scales, sums)?;
+    let out = tiles.out_features();
+    let mut y = vec![0f32; acts.rows * out];
+    super::cpu::bitlinear_segments(&rows, tiles, w_divs, &mut y)?;
+    let y = Tensor::from_vec(y, (acts.rows, out), &candle_core::Device::Cpu)?.to_dtype(dtype)?;
+    match residual {
+        Some(res) => res + y,
+        None => Ok(y),
+    }
+}
+
 /// RoPE of the new keys and the KV-cache append.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RopeKvAppendOp {
@@ -839,17 +867,32 @@ mod tests {
             )?;
             let acts = rms_norm_quantize(&x, &w, eps)?;
             let stacked = Tensor::cat(&packed, 0)?;
-            let got = bitlinear_quantized(&acts, &stacked, &segments, None, dtype)?;
-            assert_eq!(f32_bits(&got)?, f32_bits(&want)?, "{dtype:?}");
+            // The CPU layers hold tiles instead of the stacked codes: the same bits.
+            let bytes: Vec<Vec<u8>> = (packed.iter())
+                .map(|p| p.flatten_all()?.to_vec1::<u8>())
+                .collect::<Result<_>>()?;
+            let parts: Vec<(&[u8], usize)> = bytes.iter().map(|b| &b[..]).zip(outs).collect();
+            let tiles = crate::ops::cpu::TernaryTiles::from_segments(&parts, k)?;
+            let w_divs = segments.map(|s| s.w_div);
             let res =
                 Tensor::from_vec(random_floats(n * 20, 9, 4.0), (n, 20), &dev)?.to_dtype(dtype)?;
-            let got = bitlinear_quantized(&acts, &stacked, &segments, Some(&res), dtype)?;
-            assert_eq!(
-                f32_bits(&got)?,
-                f32_bits(&(want + &res)?)?,
-                "{dtype:?} + residual"
-            );
+            for residual in [None, Some(&res)] {
+                let want = match residual {
+                    Some(res) => (&want + res)?,
+                    None => want.clone(),
+                };
+                let got = bitlinear_quantized(&acts, &stacked, &segments, residual, dtype)?;
+                let what = format!("{dtype:?}, residual {}", residual.is_some());
+                assert_eq!(f32_bits(&got)?, f32_bits(&want)?, "{what}");
+                let got = bitlinear_quantized_tiles(&acts, &tiles, &w_divs, residual, dtype)?;
+                assert_eq!(f32_bits(&got)?, f32_bits(&want)?, "tiles, {what}");
+            }
         }
+        let rows = |codes: &[i8], stride| {
+            crate::ops::cpu::QuantizedRows::from_parts(codes, stride, 4, vec![1.0], vec![0])
+        };
+        assert!(rows(&[1; 8], 8).is_ok());
+        assert!(rows(&[1; 5], 4).is_err() && rows(&[1; 3], 3).is_err());
         Ok(())
     }
 

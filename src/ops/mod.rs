@@ -44,8 +44,8 @@ pub use cpu::Int8Head;
 #[cfg(feature = "testing")]
 pub use decode::decode_op_calls;
 pub use decode::{
-    argmax_first, bitlinear_quantized, decode_attention, relu2_rms_norm_quantize,
-    rms_norm_quantize, rope_kv_append, QuantizedActivations, Segment,
+    argmax_first, bitlinear_quantized, bitlinear_quantized_tiles, decode_attention,
+    relu2_rms_norm_quantize, rms_norm_quantize, rope_kv_append, QuantizedActivations, Segment,
 };
 pub(crate) use decode::{decode_attention_at, rope_kv_append_at, MAX_SEGMENTS};
 pub(crate) use launch_constants::{ATTN_MAX_GROUP, ATTN_MAX_HEAD_DIM, GEMV_MAX_ROWS};

@@ -11,10 +11,13 @@
 //! products need no reduction at all. Rows past `out` and columns past `in` hold the zero code.
 //!
 //! Codes stay 2 bits per weight (plus padding to 64 rows and 4 columns, none at the 2B-4T
-//! shapes). [`TernaryTiles::from_packed`] is the one conversion from the canonical layout.
+//! shapes), and on the CPU the tiles are a layer's only copy of them.
+//! [`TernaryTiles::from_packed`] is the one conversion from the canonical layout,
+//! [`TernaryTiles::packed`] the one back.
 
 use candle_core::{bail, Result};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Output rows per tile: 16 i32 lanes × 4 bit fields.
 pub const TILE_ROWS: usize = 64;
@@ -28,9 +31,14 @@ struct Block([u8; BLOCK_BYTES]);
 
 /// Ternary weights `[out, in]` as row tiles (layout in the module docs). Several projections
 /// of the same input may share one ([`TernaryTiles::from_segments`]): each segment starts on
-/// a tile of its own, and their outputs sit side by side, `[.., Σ out]`.
+/// a tile of its own, and their outputs sit side by side, `[.., Σ out]`. One segment can be
+/// viewed on its own ([`TernaryTiles::segment`]) without a copy.
+#[derive(Clone)]
 pub struct TernaryTiles {
-    blocks: Vec<Block>,
+    /// Shared by a set of tiles and the views of its segments.
+    blocks: Arc<Vec<Block>>,
+    /// This set's tile 0 in `blocks`.
+    first_tile: usize,
     in_features: usize,
     /// Output rows of each segment, in order.
     segments: Vec<usize>,
@@ -75,7 +83,8 @@ impl TernaryTiles {
             col += out;
         }
         Ok(Self {
-            blocks,
+            blocks: Arc::new(blocks),
+            first_tile: 0,
             in_features,
             segments: parts.iter().map(|p| p.1).collect(),
             tile_outputs,
@@ -96,30 +105,88 @@ impl TernaryTiles {
                 p.in_features
             )
         }
-        let mut tiles = Self {
-            blocks: Vec::with_capacity(parts.iter().map(|p| p.blocks.len()).sum()),
-            in_features,
-            segments: vec![],
-            tile_outputs: vec![],
-            steps: first.steps,
-        };
+        let mut blocks = Vec::with_capacity(parts.iter().map(|p| p.tiles() * p.steps).sum());
+        let (mut segments, mut tile_outputs) = (vec![], vec![]);
         let mut col = 0;
         for part in parts {
-            let segment0 = tiles.segments.len();
-            tiles.blocks.extend_from_slice(&part.blocks);
-            tiles.tile_outputs.extend(
+            let segment0 = segments.len();
+            blocks.extend_from_slice(part.own_blocks());
+            tile_outputs.extend(
                 (part.tile_outputs.iter()).map(|&(seg, c, rows)| (segment0 + seg, col + c, rows)),
             );
-            tiles.segments.extend_from_slice(&part.segments);
+            segments.extend_from_slice(&part.segments);
             col += part.out_features();
         }
-        Ok(tiles)
+        Ok(Self {
+            blocks: Arc::new(blocks),
+            first_tile: 0,
+            in_features,
+            segments,
+            tile_outputs,
+            steps: first.steps,
+        })
+    }
+
+    /// Segment `segment` alone, sharing the blocks (no copy).
+    pub fn segment(&self, segment: usize) -> Result<Self> {
+        let Some(&out) = self.segments.get(segment) else {
+            bail!(
+                "ternary tiles: no segment {segment} of {}",
+                self.segments.len()
+            )
+        };
+        let before = &self.segments[..segment];
+        let first: usize = before.iter().map(|o| o.div_ceil(TILE_ROWS)).sum();
+        let col0: usize = before.iter().sum();
+        let tile_outputs = self.tile_outputs[first..first + out.div_ceil(TILE_ROWS)]
+            .iter()
+            .map(|&(_, col, rows)| (0, col - col0, rows))
+            .collect();
+        Ok(Self {
+            blocks: self.blocks.clone(),
+            first_tile: self.first_tile + first,
+            in_features: self.in_features,
+            segments: vec![out],
+            tile_outputs,
+            steps: self.steps,
+        })
+    }
+
+    /// The canonical packed codes (`[out/4, in]`, [`crate::quant`]) of every segment, stacked
+    /// in order, `[Σ out/4, in]`: what [`Self::from_segments`] was given.
+    pub fn packed(&self) -> Vec<u8> {
+        let k = self.in_features;
+        let mut packed = vec![0u8; self.out_features() / 4 * k];
+        let (mut tile0, mut start) = (0, 0);
+        for &out in &self.segments {
+            let r = out / 4;
+            let dst = &mut packed[start..start + r * k];
+            for row in 0..out {
+                let tile = tile0 + row / TILE_ROWS;
+                let bytes = self.tile_bytes(tile..tile + 1);
+                let (p, i) = (row % TILE_ROWS / 16, row % 16);
+                let (j, field) = (row % r, 2 * (row / r));
+                for (c, dst) in dst[j * k..(j + 1) * k].iter_mut().enumerate() {
+                    let code = (bytes[c / 4 * BLOCK_BYTES + 4 * i + c % 4] >> (2 * p)) & 3;
+                    *dst |= code << field;
+                }
+            }
+            tile0 += out.div_ceil(TILE_ROWS);
+            start += r * k;
+        }
+        packed
     }
 
     /// Backs the blocks with 2 MiB pages ([`super::back_with_huge_pages`]): worth it for the
     /// tiles a model keeps, not for those an op converts for one call.
     pub fn back_with_huge_pages(&self) {
-        super::back_with_huge_pages(&self.blocks)
+        super::back_with_huge_pages(self.own_blocks())
+    }
+
+    /// This set's blocks, `[tiles · steps]`.
+    fn own_blocks(&self) -> &[Block] {
+        let start = self.first_tile * self.steps;
+        &self.blocks[start..start + self.tiles() * self.steps]
     }
 
     pub fn in_features(&self) -> usize {
@@ -142,7 +209,7 @@ impl TernaryTiles {
     }
 
     pub fn tiles(&self) -> usize {
-        self.blocks.len() / self.steps
+        self.tile_outputs.len()
     }
 
     /// Blocks per tile.
@@ -152,12 +219,12 @@ impl TernaryTiles {
 
     /// Bytes of codes one forward reads.
     pub fn bytes(&self) -> usize {
-        self.blocks.len() * BLOCK_BYTES
+        self.tiles() * self.steps * BLOCK_BYTES
     }
 
     /// Tiles `tiles`, `[n, steps · 64]` bytes, 64-byte aligned.
     pub(super) fn tile_bytes(&self, tiles: std::ops::Range<usize>) -> &[u8] {
-        let blocks = &self.blocks[tiles.start * self.steps..tiles.end * self.steps];
+        let blocks = &self.own_blocks()[tiles.start * self.steps..tiles.end * self.steps];
         // SAFETY: `Block` is `repr(C)` over `[u8; 64]` with no padding, so a slice of blocks
         // is the same memory as `64 · len` bytes, and it lives as long as `self`.
         unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), blocks.len() * BLOCK_BYTES) }
@@ -288,6 +355,38 @@ mod tests {
             .err()
             .map(|e| e.to_string());
         assert!(err.unwrap_or_default().contains("cannot share tiles"));
+        Ok(())
+    }
+
+    #[test]
+    fn segments_view_the_joint_tiles_and_pack_back_to_the_codes() -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(13);
+        let inp = 70;
+        let parts: Vec<(Vec<u8>, usize)> = [132, 4, 64]
+            .iter()
+            .map(|&out| {
+                let values: Vec<i8> = (0..out * inp).map(|_| rng.random_range(-1..=1)).collect();
+                Ok((pack_ternary(&values, out, inp)?, out))
+            })
+            .collect::<Result<_>>()?;
+        let segments: Vec<(&[u8], usize)> = parts.iter().map(|(p, o)| (&p[..], *o)).collect();
+        let joint = TernaryTiles::from_segments(&segments, inp)?;
+        let stacked: Vec<u8> = parts.iter().flat_map(|(p, _)| p.iter().copied()).collect();
+        assert_eq!(joint.packed(), stacked);
+        for (i, &(packed, out)) in segments.iter().enumerate() {
+            let view = joint.segment(i)?;
+            let alone = TernaryTiles::from_packed(packed, inp, out)?;
+            assert_eq!(view.segments(), &[out]);
+            assert_eq!(view.tile_outputs, alone.tile_outputs);
+            assert_eq!(view.bytes(), alone.bytes());
+            assert_eq!(
+                view.tile_bytes(0..view.tiles()),
+                alone.tile_bytes(0..alone.tiles())
+            );
+            assert_eq!(view.packed(), packed);
+        }
+        let err = joint.segment(3).err().map(|e| e.to_string());
+        assert!(err.unwrap_or_default().contains("no segment 3"));
         Ok(())
     }
 
