@@ -253,14 +253,34 @@ fn convert(packed: &[u8], in_features: usize, out_features: usize) -> Result<Vec
         .par_chunks_mut(steps)
         .enumerate()
         .for_each(|(tile, tile_blocks)| {
-            let rows = tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(out_features);
-            for row in rows {
-                let (p, i) = (row % TILE_ROWS / 16, row % 16);
+            // Each of the tile's rows in the packed layout: its packed row and bit field.
+            let rows: [Option<(&[u8], usize)>; TILE_ROWS] = std::array::from_fn(|o| {
+                let row = tile * TILE_ROWS + o;
                 let (j, field) = (row % r, 2 * (row / r));
-                let codes = &packed[j * in_features..(j + 1) * in_features];
-                for (c, &byte) in codes.iter().enumerate() {
-                    let b = &mut tile_blocks[c / 4].0[4 * i + c % 4];
-                    *b = (*b & !(3 << (2 * p))) | (((byte >> field) & 3) << (2 * p));
+                (row < out_features)
+                    .then(|| (&packed[j * in_features..(j + 1) * in_features], field))
+            });
+            for (s, block) in tile_blocks.iter_mut().enumerate() {
+                let c = 4 * s;
+                for i in 0..16 {
+                    // Lane i: the 4 columns' codes of rows 16p + i in bit field p of each byte.
+                    let mut lane = 0u32;
+                    for p in 0..4 {
+                        let codes = match rows[16 * p + i] {
+                            Some((row, field)) => {
+                                // Columns past `in` read as the zero weight's code.
+                                let mut bytes = [1u8 << field; 4];
+                                let n = (in_features - c).min(4);
+                                bytes[..n].copy_from_slice(&row[c..c + n]);
+                                // The shift carries bits of byte b + 1 into bits ≥ 2 of byte
+                                // b (field ≤ 6): the mask drops them.
+                                (u32::from_le_bytes(bytes) >> field) & 0x0303_0303
+                            }
+                            None => 0x0101_0101,
+                        };
+                        lane |= codes << (2 * p);
+                    }
+                    block.0[4 * i..4 * i + 4].copy_from_slice(&lane.to_le_bytes());
                 }
             }
         });
