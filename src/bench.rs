@@ -202,7 +202,8 @@ pub struct BenchReport {
     /// What the ternary model's KV caches hold.
     pub kv_dtype: crate::KvDtype,
     pub parameter_count: usize,
-    /// Packed codes plus per-matrix scale, in bits per ternary weight.
+    /// Codes held (the CPU's tiles, padded to 64 rows) plus per-matrix scale, in bits per
+    /// ternary weight.
     pub ternary_bits_per_weight: f64,
     pub decode_tokens: usize,
     pub ternary: Throughput,

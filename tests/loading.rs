@@ -206,7 +206,7 @@ fn llama_architecture_uses_silu_no_sub_norms_and_an_untied_head() -> Result<()> 
 }
 
 #[test]
-fn ternary_weights_take_at_most_2_1_bits_per_weight() -> Result<()> {
+fn ternary_weights_take_two_bits_each_at_the_2b_4t_shapes() -> Result<()> {
     // At the 2B-4T shapes the codes a CPU layer holds — its tiles, and nothing else — are 2
     // bits a weight.
     let mut rng = StdRng::seed_from_u64(3);

@@ -270,10 +270,43 @@ fn start_thread_pool() -> Result<()> {
         }
         Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS)),
     };
+    // A thread that gets its stack but not its signal stack aborts the process (std), so a
+    // pool whose stacks cannot fit the address-space limit is refused before any thread starts.
+    if let Some(limit) = address_space_limit() {
+        let stacks = threads as u64 * WORKER_STACK_BYTES as u64;
+        if stacks > limit / 2 {
+            bail!(
+                "cannot start {threads} worker threads: their {} MiB of stacks exceed half the \
+                 address-space limit of {} MiB",
+                stacks >> 20,
+                limit >> 20
+            )
+        }
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
+        .stack_size(WORKER_STACK_BYTES)
         .build_global()
         .with_context(|| format!("cannot start {threads} worker threads"))
+}
+
+/// Stack of each worker thread: std's default, stated so the limit check above can count it.
+const WORKER_STACK_BYTES: usize = 2 << 20;
+
+/// The process's address-space limit (`RLIMIT_AS`), where one is set.
+fn address_space_limit() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one `rlimit` through a valid pointer.
+        let ok = unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } == 0;
+        (ok && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
 }
 
 fn main() -> ExitCode {
