@@ -270,12 +270,12 @@ pub fn run(opts: &BenchOptions, device: &Device) -> Result<BenchReport> {
     bar.set_message("building ternary model");
     let model = synthetic::build(&cfg, opts.seed, dtype, device)?.with_kv_dtype(opts.kv_dtype)?;
     let rss_after_load_bytes = proc_status_bytes("VmRSS");
-    let (ternary_weights, packed_bytes) = model.bitlinears().iter().fold((0, 0), |(n, b), l| {
+    let (ternary_weights, code_bytes) = model.bitlinears().iter().fold((0, 0), |(n, b), l| {
         (n + l.in_features() * l.out_features(), b + l.weight_bytes())
     });
     // Every projection also keeps its f32 scale.
     let ternary_bits_per_weight =
-        8.0 * (packed_bytes + 4 * model.bitlinears().len()) as f64 / ternary_weights as f64;
+        8.0 * (code_bytes + 4 * model.bitlinears().len()) as f64 / ternary_weights as f64;
     let float_bytes = FloatBytes::new(&model, &cfg, ternary_weights);
     let int8_model = if opts.int8_head {
         bar.set_message("quantizing the head to int8");

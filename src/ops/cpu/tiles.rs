@@ -33,7 +33,6 @@ struct Block([u8; BLOCK_BYTES]);
 /// of the same input may share one ([`TernaryTiles::from_segments`]): each segment starts on
 /// a tile of its own, and their outputs sit side by side, `[.., Σ out]`. One segment can be
 /// viewed on its own ([`TernaryTiles::segment`]) without a copy.
-#[derive(Clone)]
 pub struct TernaryTiles {
     /// Shared by a set of tiles and the views of its segments.
     blocks: Arc<Vec<Block>>,
@@ -346,17 +345,22 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn concatenated_tiles_are_the_segments_tiles() -> Result<()> {
-        let mut rng = StdRng::seed_from_u64(12);
-        let inp = 70;
-        let parts: Vec<(Vec<u8>, usize)> = [132, 4, 64]
+    /// Packed codes of three random projections of `inp` inputs (132, 4 and 64 outputs).
+    fn random_parts(seed: u64, inp: usize) -> Result<Vec<(Vec<u8>, usize)>> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        [132, 4, 64]
             .iter()
             .map(|&out| {
                 let values: Vec<i8> = (0..out * inp).map(|_| rng.random_range(-1..=1)).collect();
                 Ok((pack_ternary(&values, out, inp)?, out))
             })
-            .collect::<Result<_>>()?;
+            .collect()
+    }
+
+    #[test]
+    fn concatenated_tiles_are_the_segments_tiles() -> Result<()> {
+        let inp = 70;
+        let parts = random_parts(12, inp)?;
         let segments: Vec<(&[u8], usize)> = parts.iter().map(|(p, o)| (&p[..], *o)).collect();
         let want = TernaryTiles::from_segments(&segments, inp)?;
         let singles = (segments
@@ -380,15 +384,8 @@ mod tests {
 
     #[test]
     fn segments_view_the_joint_tiles_and_pack_back_to_the_codes() -> Result<()> {
-        let mut rng = StdRng::seed_from_u64(13);
         let inp = 70;
-        let parts: Vec<(Vec<u8>, usize)> = [132, 4, 64]
-            .iter()
-            .map(|&out| {
-                let values: Vec<i8> = (0..out * inp).map(|_| rng.random_range(-1..=1)).collect();
-                Ok((pack_ternary(&values, out, inp)?, out))
-            })
-            .collect::<Result<_>>()?;
+        let parts = random_parts(13, inp)?;
         let segments: Vec<(&[u8], usize)> = parts.iter().map(|(p, o)| (&p[..], *o)).collect();
         let joint = TernaryTiles::from_segments(&segments, inp)?;
         let stacked: Vec<u8> = parts.iter().flat_map(|(p, _)| p.iter().copied()).collect();
