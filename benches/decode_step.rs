@@ -67,7 +67,8 @@ fn seg(out_features: usize) -> Segment {
     }
 }
 
-/// Each op as the model's fused decode step calls it (`DecoderLayer::forward_fused`).
+/// Each op as the model's fused decode step calls it on CUDA (`DecoderLayer::forward_fused`;
+/// on the CPU a model's layers hold tiles and run `bitlinear_quantized_tiles` instead).
 impl Layer {
     fn qkv(&self, acts: &QuantizedActivations) -> Result<Tensor> {
         let kv = KV_HEADS * HEAD_DIM;

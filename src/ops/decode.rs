@@ -2,7 +2,9 @@
 //! activations, BitLinear on activations quantized once for several projections (q/k/v or
 //! gate/up stacked), RoPE with the KV-cache append, attention of one token against the cache,
 //! and greedy argmax. On the CPU they run [`super::reference`], the arithmetic the kernels are
-//! tested against (the CPU model keeps its own SIMD path). Launch counts: `docs/cuda-decode.md`.
+//! tested against, except BitLinear on a CPU model's tiles ([`bitlinear_quantized_tiles`]: its
+//! SIMD kernels, the same bits); the CPU model decodes through its own path
+//! (`model/decode.rs`). Launch counts: `docs/cuda-decode.md`.
 
 use super::launch_constants::ACT_ALIGN;
 use super::reference::{self, AttentionShape, Float};
