@@ -247,6 +247,7 @@ pub fn build(cfg: &Config, seed: u64, dtype: DType, device: &Device) -> Result<B
     let vb = VarBuilder::from_tensors(map, dtype, device);
     let model = BitnetModel::new_with_head_dtype(cfg, vb, embedding_dtype(dtype, device))?;
     crate::ops::cpu::release_free_memory();
+    crate::ops::cpu::wait_for_huge_pages();
     Ok(model)
 }
 

@@ -243,6 +243,7 @@ pub fn load_model(
     };
     let model = model.with_kv_dtype(opts.kv).map_err(model_fault)?;
     crate::ops::cpu::release_free_memory();
+    crate::ops::cpu::wait_for_huge_pages();
     Ok(model)
 }
 

@@ -26,6 +26,7 @@ mod amx;
 mod attention;
 mod compact_head;
 mod head;
+mod huge_pages;
 mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -39,33 +40,9 @@ pub use compact_head::{matmul_compact, matmul_compact_in, CompactBf16Head, Matmu
 pub use head::{
     matmul_bf16, matmul_bf16_in, matmul_int8, Int8Head, MatmulBf16Weight, MatmulInt8Head,
 };
+pub use huge_pages::{back_with_huge_pages, wait_for_huge_pages};
 use tiles::BLOCK_BYTES;
 pub use tiles::{TernaryTiles, TILE_ROWS};
-
-/// Asks the kernel to back `data` with 2 MiB pages now (`MADV_COLLAPSE`): a decoded token
-/// streams every weight once, and over 4 KiB pages that is a TLB miss per 4 KiB (transparent
-/// huge pages are often `madvise`-only, and nothing madvises a `Vec`). Best effort: a kernel
-/// before 6.1, or without THP, refuses and nothing changes.
-pub fn back_with_huge_pages<T>(data: &[T]) {
-    #[cfg(target_os = "linux")]
-    {
-        // The uapi value; not every libc crate target defines it.
-        const MADV_COLLAPSE: libc::c_int = 25;
-        const HUGE_PAGE: usize = 2 << 20;
-        let begin = data.as_ptr() as usize;
-        let (start, end) = (
-            begin.next_multiple_of(HUGE_PAGE),
-            (begin + std::mem::size_of_val(data)) / HUGE_PAGE * HUGE_PAGE,
-        );
-        if end > start {
-            // SAFETY: the range lies inside `data`; MADV_COLLAPSE changes how it is mapped,
-            // never its contents, and fails harmlessly where unsupported.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, MADV_COLLAPSE) };
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = data;
-}
 
 /// Hands the allocator's free pages back to the system (glibc's `malloc_trim`). Loading frees
 /// the packed codes each layer is converted from between the tiles it keeps, and glibc keeps
