@@ -248,38 +248,37 @@ fn convert(packed: &[u8], in_features: usize, out_features: usize) -> Result<Vec
     let steps = in_features.div_ceil(4);
     let tiles = out_features.div_ceil(TILE_ROWS);
     let mut blocks = vec![Block([ZERO_CODES; BLOCK_BYTES]); tiles * steps];
+    // Steps of 4 whole columns, then the columns of a partial last step (padded with the zero
+    // weight's code).
+    let (full_steps, tail) = (in_features / 4, in_features % 4);
     blocks
         .par_chunks_mut(steps)
         .enumerate()
         .for_each(|(tile, tile_blocks)| {
-            // Each of the tile's rows in the packed layout: its packed row and bit field.
-            let rows: [Option<(&[u8], usize)>; TILE_ROWS] = std::array::from_fn(|o| {
+            // Row by row, each packed row read once, front to back: row 16p + i of the tile
+            // is lane i, bit field p, of every block. Rows past `out` keep the zero code.
+            for o in 0..TILE_ROWS.min(out_features - tile * TILE_ROWS) {
                 let row = tile * TILE_ROWS + o;
                 let (j, field) = (row % r, 2 * (row / r));
-                (row < out_features)
-                    .then(|| (&packed[j * in_features..(j + 1) * in_features], field))
-            });
-            for (s, block) in tile_blocks.iter_mut().enumerate() {
-                let c = 4 * s;
-                for i in 0..16 {
-                    // Lane i: the 4 columns' codes of rows 16p + i in bit field p of each byte.
-                    let mut lane = 0u32;
-                    for p in 0..4 {
-                        let codes = match rows[16 * p + i] {
-                            Some((row, field)) => {
-                                // Columns past `in` read as the zero weight's code.
-                                let mut bytes = [1u8 << field; 4];
-                                let n = (in_features - c).min(4);
-                                bytes[..n].copy_from_slice(&row[c..c + n]);
-                                // The shift carries bits of byte b + 1 into bits ≥ 2 of byte
-                                // b (field ≤ 6): the mask drops them.
-                                (u32::from_le_bytes(bytes) >> field) & 0x0303_0303
-                            }
-                            None => 0x0101_0101,
-                        };
-                        lane |= codes << (2 * p);
-                    }
-                    block.0[4 * i..4 * i + 4].copy_from_slice(&lane.to_le_bytes());
+                let packed_row = &packed[j * in_features..(j + 1) * in_features];
+                let (p, i) = (o / 16, o % 16);
+                // The lane's bits of field p, cleared of the zero code they were filled with.
+                let keep = !(0x0303_0303u32 << (2 * p));
+                let put = |block: &mut Block, word: [u8; 4]| {
+                    // The shift carries bits of byte b + 1 into bits ≥ 2 of byte b (field ≤ 6):
+                    // the mask drops them.
+                    let codes = (u32::from_le_bytes(word) >> field) & 0x0303_0303;
+                    let lane = &mut block.0[4 * i..4 * i + 4];
+                    let old = u32::from_le_bytes([lane[0], lane[1], lane[2], lane[3]]);
+                    lane.copy_from_slice(&((old & keep) | (codes << (2 * p))).to_le_bytes());
+                };
+                for (block, word) in tile_blocks.iter_mut().zip(packed_row.chunks_exact(4)) {
+                    put(block, [word[0], word[1], word[2], word[3]]);
+                }
+                if tail > 0 {
+                    let mut word = [ZERO_CODES; 4];
+                    word[..tail].copy_from_slice(&packed_row[4 * full_steps..]);
+                    put(&mut tile_blocks[full_steps], word);
                 }
             }
         });
