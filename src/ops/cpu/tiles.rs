@@ -159,17 +159,24 @@ impl TernaryTiles {
         let (mut tile0, mut start) = (0, 0);
         for &out in &self.segments {
             let r = out / 4;
-            let dst = &mut packed[start..start + r * k];
-            for row in 0..out {
-                let tile = tile0 + row / TILE_ROWS;
-                let bytes = self.tile_bytes(tile..tile + 1);
-                let (p, i) = (row % TILE_ROWS / 16, row % 16);
-                let (j, field) = (row % r, 2 * (row / r));
-                for (c, dst) in dst[j * k..(j + 1) * k].iter_mut().enumerate() {
-                    let code = (bytes[c / 4 * BLOCK_BYTES + 4 * i + c % 4] >> (2 * p)) & 3;
-                    *dst |= code << field;
+            // Packed row j holds rows j, r + j, 2r + j and 3r + j in its four bit fields; each
+            // row's codes come out of its lane 4 columns at a time.
+            (packed[start..start + r * k].par_chunks_mut(k).enumerate()).for_each(|(j, dst)| {
+                for f in 0..4 {
+                    let row = f * r + j;
+                    let tile = tile0 + row / TILE_ROWS;
+                    let bytes = self.tile_bytes(tile..tile + 1);
+                    let (p, i) = (row % TILE_ROWS / 16, row % 16);
+                    for (block, dst) in bytes.chunks_exact(BLOCK_BYTES).zip(dst.chunks_mut(4)) {
+                        let lane = &block[4 * i..4 * i + 4];
+                        let lane = u32::from_le_bytes([lane[0], lane[1], lane[2], lane[3]]);
+                        let codes = ((lane >> (2 * p)) & 0x0303_0303) << (2 * f);
+                        for (d, c) in dst.iter_mut().zip(codes.to_le_bytes()) {
+                            *d |= c;
+                        }
+                    }
                 }
-            }
+            });
             tile0 += out.div_ceil(TILE_ROWS);
             start += r * k;
         }
