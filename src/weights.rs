@@ -187,12 +187,7 @@ fn release_mapped(bytes: &[u8]) {
             p if p > 0 => p as usize,
             _ => return,
         };
-        let begin = bytes.as_ptr() as usize;
-        let (start, end) = (
-            begin.next_multiple_of(page),
-            (begin + bytes.len()) / page * page,
-        );
-        if end > start {
+        if let Some((start, end)) = crate::ops::cpu::whole_pages(bytes, page) {
             // SAFETY: the range lies inside a read-only shared file mapping that nothing
             // writes: MADV_DONTNEED unmaps its pages, and a later read maps the file's same
             // bytes again, so no reference into it sees a change.

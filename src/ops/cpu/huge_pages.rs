@@ -69,19 +69,23 @@ mod linux {
     }
 }
 
+/// The addresses `start..end` of the whole pages of `page` bytes inside `data`, if any: what
+/// an `madvise` over `data` may touch without reaching past it.
+#[cfg(target_os = "linux")]
+pub(crate) fn whole_pages<T>(data: &[T], page: usize) -> Option<(usize, usize)> {
+    let begin = data.as_ptr() as usize;
+    let (start, end) = (
+        begin.next_multiple_of(page),
+        (begin + std::mem::size_of_val(data)) / page * page,
+    );
+    (end > start).then_some((start, end))
+}
+
 /// Queues `data`'s whole 2 MiB pages to be moved onto huge pages by the background thread.
 pub fn back_with_huge_pages<T>(data: &[T]) {
     #[cfg(target_os = "linux")]
-    {
-        const HUGE_PAGE: usize = 2 << 20;
-        let begin = data.as_ptr() as usize;
-        let (start, end) = (
-            begin.next_multiple_of(HUGE_PAGE),
-            (begin + std::mem::size_of_val(data)) / HUGE_PAGE * HUGE_PAGE,
-        );
-        if end > start {
-            linux::queue(start, end);
-        }
+    if let Some((start, end)) = whole_pages(data, 2 << 20) {
+        linux::queue(start, end);
     }
     #[cfg(not(target_os = "linux"))]
     let _ = data;

@@ -40,6 +40,8 @@ pub use compact_head::{matmul_compact, matmul_compact_in, CompactBf16Head, Matmu
 pub use head::{
     matmul_bf16, matmul_bf16_in, matmul_int8, Int8Head, MatmulBf16Weight, MatmulInt8Head,
 };
+#[cfg(target_os = "linux")]
+pub(crate) use huge_pages::whole_pages;
 pub use huge_pages::{back_with_huge_pages, wait_for_huge_pages};
 use tiles::BLOCK_BYTES;
 pub use tiles::{TernaryTiles, TILE_ROWS};
